@@ -1,0 +1,1 @@
+int imgfs_placeholder;

@@ -1,0 +1,102 @@
+/// A format driver: turns guest offsets into I/O on its host file, as QEMU's `BlockDriver` does.
+///
+/// Every method may be called concurrently from many tasks. Buffers belong to the caller until the call returns.
+/// Ranges are inside `length` (the node clamps them). Methods a format cannot do throw `.unsupported`.
+public protocol BlockDriver: AnyObject, Sendable {
+    var format: ImageFormat { get }
+    /// The virtual disk size in bytes.
+    var length: Int64 { get }
+    var isReadOnly: Bool { get }
+    /// The backing file this image names, if any; the opener resolves and opens it.
+    var backingReference: BackingReference? { get }
+
+    /// Gives the driver its opened backing chain, once, before any I/O.
+    func attachBacking(_ backing: BlockNode)
+
+    func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws
+    /// Makes the range read as zeros; `mayUnmap` lets the driver free the storage behind it.
+    func writeZeroes(at offset: Int64, length: Int64, mayUnmap: Bool) async throws
+    /// Tells the driver the range's content is no longer needed (advisory; it may read back as anything).
+    func discard(at offset: Int64, length: Int64) async throws
+    /// Makes every completed write durable.
+    func flush() async throws
+    /// What this layer holds at `offset`, for up to `length` bytes.
+    func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus
+    func truncate(to length: Int64) async throws
+    /// Flushes what must be flushed and releases the driver's resources.
+    func close() async throws
+
+    /// Format-specific facts for `imgfs info`, named as `qemu-img info --output=json` names them.
+    func formatInfo() -> [String: InfoValue]
+    /// The image's internal snapshots (qcow2).
+    var snapshots: [SnapshotDescriptor] { get }
+    /// A read-only driver showing one internal snapshot's disk.
+    func openSnapshot(_ snapshot: SnapshotDescriptor) async throws -> BlockDriver
+}
+
+extension BlockDriver {
+    public var backingReference: BackingReference? { nil }
+    public func attachBacking(_ backing: BlockNode) {}
+    public func formatInfo() -> [String: InfoValue] { [:] }
+    public var snapshots: [SnapshotDescriptor] { [] }
+    public func openSnapshot(_ snapshot: SnapshotDescriptor) async throws -> BlockDriver {
+        throw BlockError.unsupported("\(format.rawValue) images have no internal snapshots")
+    }
+}
+
+/// A backing file as an image names it: untrusted until the path policy accepts it.
+public struct BackingReference: Sendable, Equatable {
+    public var name: String
+    /// The format recorded with the name (qcow2's backing-format extension); nil means probe.
+    public var format: ImageFormat?
+    public init(name: String, format: ImageFormat?) {
+        self.name = name
+        self.format = format
+    }
+}
+
+/// One internal snapshot as listed by `qemu-img snapshot -l`.
+public struct SnapshotDescriptor: Sendable, Equatable {
+    public var id: String
+    public var name: String
+    public var diskSize: Int64
+    public var vmStateSize: Int64
+    public var dateSeconds: UInt32
+    public var dateNanoseconds: UInt32
+    public var vmClockNanoseconds: UInt64
+    public var icount: Int64?
+
+    public init(id: String, name: String, diskSize: Int64, vmStateSize: Int64, dateSeconds: UInt32,
+                dateNanoseconds: UInt32, vmClockNanoseconds: UInt64, icount: Int64?) {
+        self.id = id
+        self.name = name
+        self.diskSize = diskSize
+        self.vmStateSize = vmStateSize
+        self.dateSeconds = dateSeconds
+        self.dateNanoseconds = dateNanoseconds
+        self.vmClockNanoseconds = vmClockNanoseconds
+        self.icount = icount
+    }
+}
+
+/// A JSON-shaped value for `imgfs info`.
+public indirect enum InfoValue: Sendable, Equatable {
+    case string(String)
+    case int(Int64)
+    case bool(Bool)
+    case array([InfoValue])
+    case object([(String, InfoValue)])
+
+    public static func == (a: InfoValue, b: InfoValue) -> Bool {
+        switch (a, b) {
+        case (.string(let x), .string(let y)): return x == y
+        case (.int(let x), .int(let y)): return x == y
+        case (.bool(let x), .bool(let y)): return x == y
+        case (.array(let x), .array(let y)): return x == y
+        case (.object(let x), .object(let y)):
+            return x.count == y.count && zip(x, y).allSatisfy { $0.0 == $1.0 && $0.1 == $1.1 }
+        default: return false
+        }
+    }
+}

@@ -1,0 +1,166 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A file on the host: the protocol layer under every format driver.
+///
+/// Thin typed wrappers over `pread`/`pwrite`/`fdatasync`/`fallocate`/`lseek`. The async methods run their system
+/// call on an `IOExecutor` thread (inline when already on one), never on Swift's cooperative pool.
+public final class HostFile: Sendable {
+    public let path: String
+    public let descriptor: Int32
+    public let isReadOnly: Bool
+    public let executor: IOExecutor
+
+    /// The (device, inode) pair, used to detect a backing chain that names a file twice.
+    public struct Identity: Hashable, Sendable {
+        public let device: UInt64
+        public let inode: UInt64
+    }
+
+    public static func open(_ path: String, readOnly: Bool, executor: IOExecutor = .shared) throws -> HostFile {
+        let fd = Glibc.open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
+        if fd < 0 { throw BlockError.system(errno: errno, operation: "open", path: path) }
+        var st = stat()
+        if fstat(fd, &st) != 0 {
+            let e = errno
+            close(fd)
+            throw BlockError.system(errno: e, operation: "stat", path: path)
+        }
+        if (st.st_mode & S_IFMT) == S_IFDIR {
+            close(fd)
+            throw BlockError.system(errno: EISDIR, operation: "open", path: path)
+        }
+        return HostFile(path: path, descriptor: fd, readOnly: readOnly, executor: executor)
+    }
+
+    init(path: String, descriptor: Int32, readOnly: Bool, executor: IOExecutor) {
+        self.path = path
+        self.descriptor = descriptor
+        self.isReadOnly = readOnly
+        self.executor = executor
+    }
+
+    deinit { Glibc.close(descriptor) }
+
+    public func identity() throws -> Identity {
+        var st = stat()
+        guard fstat(descriptor, &st) == 0 else { throw failure("stat") }
+        return Identity(device: UInt64(st.st_dev), inode: UInt64(st.st_ino))
+    }
+
+    /// The file's current size in bytes.
+    public func size() throws -> Int64 {
+        var st = stat()
+        guard fstat(descriptor, &st) == 0 else { throw failure("stat") }
+        return Int64(st.st_size)
+    }
+
+    /// Bytes the host actually stores for the file (st_blocks), for `info`'s actual-size.
+    public func allocatedBytes() -> Int64 {
+        var st = stat()
+        guard fstat(descriptor, &st) == 0 else { return 0 }
+        return Int64(st.st_blocks) * 512
+    }
+
+    // MARK: Synchronous calls, for code already on an I/O thread.
+
+    /// Reads as much as the file has; returns the count (short only at end of file).
+    public func preadSome(_ buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws -> Int {
+        var done = 0
+        while done < buffer.count {
+            let n = Glibc.pread(descriptor, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw failure("read")
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
+    }
+
+    /// Reads exactly `buffer.count` bytes; a short read means the image claims data the file does not hold.
+    public func preadExactly(_ buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws {
+        let n = try preadSome(buffer, at: offset)
+        if n != buffer.count {
+            throw BlockError.corrupt("\(path): \(buffer.count) bytes at offset \(offset) lie past the end of the file")
+        }
+    }
+
+    public func pwriteAll(_ buffer: UnsafeRawBufferPointer, at offset: Int64) throws {
+        guard !isReadOnly else { throw BlockError.readOnly }
+        var done = 0
+        while done < buffer.count {
+            let n = Glibc.pwrite(descriptor, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw failure("write")
+            }
+            done += n
+        }
+    }
+
+    public func syncData() throws {
+        guard !isReadOnly else { return }
+        if fdatasync(descriptor) != 0 { throw failure("fdatasync") }
+    }
+
+    /// fallocate with the given Linux mode bits; returns false when the file system does not support the mode.
+    public func fallocateRange(mode: Int32, offset: Int64, length: Int64) throws -> Bool {
+        guard !isReadOnly else { throw BlockError.readOnly }
+        while true {
+            if linuxFallocate(descriptor, mode: mode, offset: offset, length: length) == 0 { return true }
+            if errno == EINTR { continue }
+            if errno == EOPNOTSUPP || errno == ENOSYS { return false }
+            throw failure("fallocate")
+        }
+    }
+
+    public func setSize(_ length: Int64) throws {
+        guard !isReadOnly else { throw BlockError.readOnly }
+        if ftruncate(descriptor, off_t(length)) != 0 { throw failure("truncate") }
+    }
+
+    /// `lseek(SEEK_DATA)`/`SEEK_HOLE`; nil when the offset is at or past the end (ENXIO).
+    public func seek(_ whence: Int32, from offset: Int64) throws -> Int64? {
+        let r = lseek(descriptor, off_t(offset), whence)
+        if r < 0 {
+            if errno == ENXIO { return nil }
+            throw failure("lseek")
+        }
+        return Int64(r)
+    }
+
+    // MARK: Async calls, from any context.
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) async throws -> Int {
+        let b = UncheckedSendable(buffer)
+        return try await executor.perform { try self.preadSome(b.value, at: offset) }
+    }
+
+    public func readExactly(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) async throws {
+        let b = UncheckedSendable(buffer)
+        try await executor.perform { try self.preadExactly(b.value, at: offset) }
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int64) async throws {
+        let b = UncheckedSendable(buffer)
+        try await executor.perform { try self.pwriteAll(b.value, at: offset) }
+    }
+
+    public func flush() async throws {
+        try await executor.perform { try self.syncData() }
+    }
+
+    private func failure(_ operation: String) -> BlockError {
+        .system(errno: errno, operation: operation, path: path)
+    }
+}
+
+/// Linux fallocate mode bits (linux/falloc.h), which Glibc does not export to Swift.
+public enum FallocateMode {
+    public static let keepSize: Int32 = 0x01
+    public static let punchHole: Int32 = 0x02
+    public static let zeroRange: Int32 = 0x10
+}

@@ -1,0 +1,95 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import Synchronization
+
+/// The raw format: guest offset = host offset; holes in the host file read as zeros.
+public final class RawDriver: BlockDriver {
+    public let format = ImageFormat.raw
+    public let isReadOnly: Bool
+    private let file: HostFile
+    private let size: Atomic<Int64>
+
+    public init(file: HostFile, readOnly: Bool) throws {
+        self.file = file
+        self.isReadOnly = readOnly
+        self.size = Atomic(try file.size())
+    }
+
+    public var length: Int64 { size.load(ordering: .relaxed) }
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        let n = try await file.read(into: buffer, at: offset)
+        if n < buffer.count {
+            // The host file shrank under us: what is gone reads as zeros, as a hole would.
+            UnsafeMutableRawBufferPointer(rebasing: buffer[n...]).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+    }
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws {
+        try await file.write(buffer, at: offset)
+    }
+
+    public func writeZeroes(at offset: Int64, length: Int64, mayUnmap: Bool) async throws {
+        let file = self.file
+        try await file.executor.perform {
+            let keep = FallocateMode.keepSize
+            if mayUnmap, try file.fallocateRange(mode: FallocateMode.punchHole | keep, offset: offset, length: length) {
+                return
+            }
+            if try file.fallocateRange(mode: FallocateMode.zeroRange | keep, offset: offset, length: length) { return }
+            try Self.writeZeroBytes(file, offset: offset, length: length)
+        }
+    }
+
+    public func discard(at offset: Int64, length: Int64) async throws {
+        let file = self.file
+        // Discard is advisory; a file system without hole punching simply keeps the data.
+        _ = try await file.executor.perform {
+            try file.fallocateRange(mode: FallocateMode.punchHole | FallocateMode.keepSize, offset: offset, length: length)
+        }
+    }
+
+    public func flush() async throws {
+        try await file.flush()
+    }
+
+    public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
+        let file = self.file
+        return try await file.executor.perform {
+            // SEEK_DATA from inside data returns the offset itself; from inside a hole, where data starts.
+            let data = try file.seek(LinuxSeek.data, from: offset)
+            if data == offset {
+                let hole = try file.seek(LinuxSeek.hole, from: offset) ?? (offset + length)
+                return BlockStatus(kind: .data, length: max(1, min(length, hole - offset)), hostOffset: offset)
+            }
+            let end = data ?? (offset + length)
+            return BlockStatus(kind: .zero, length: max(1, min(length, end - offset)))
+        }
+    }
+
+    public func truncate(to newLength: Int64) async throws {
+        let file = self.file
+        try await file.executor.perform { try file.setSize(newLength) }
+        size.store(newLength, ordering: .relaxed)
+    }
+
+    public func close() async throws {
+        if !isReadOnly { try await flush() }
+    }
+
+    public func formatInfo() -> [String: InfoValue] { [:] }
+
+    static func writeZeroBytes(_ file: HostFile, offset: Int64, length: Int64) throws {
+        let chunk = Int(min(length, 1 << 20))
+        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 16)
+        defer { zeros.deallocate() }
+        zeros.initializeMemory(as: UInt8.self, repeating: 0)
+        var done: Int64 = 0
+        while done < length {
+            let n = Int(min(Int64(chunk), length - done))
+            try file.pwriteAll(UnsafeRawBufferPointer(rebasing: zeros[..<n]), at: offset + done)
+            done += Int64(n)
+        }
+    }
+}
