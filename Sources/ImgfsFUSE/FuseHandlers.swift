@@ -1,0 +1,44 @@
+import CFuseBridge
+import ImgfsBlock
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The Swift ends of the C bridge's callbacks: each finds its server and forwards to it.
+enum FuseHandlers {
+    static func table(context: UnsafeMutableRawPointer) -> imgfs_fuse_handlers {
+        var h = imgfs_fuse_handlers()
+        h.context = context
+        h.lookup = { ctx, req, parent, name in
+            server(ctx).lookup(FuseRequest(raw: req!), parent: parent, name: String(cString: name!))
+        }
+        h.getattr = { ctx, req, ino in server(ctx).getattr(FuseRequest(raw: req!), ino: ino) }
+        h.setattr = { ctx, req, ino, toSet, size in
+            server(ctx).setattr(FuseRequest(raw: req!), ino: ino, toSet: toSet, size: size)
+        }
+        h.open = { ctx, req, ino, flags in server(ctx).open(FuseRequest(raw: req!), ino: ino, flags: flags) }
+        h.read = { ctx, req, ino, size, offset in
+            server(ctx).read(FuseRequest(raw: req!), ino: ino, size: size, offset: offset)
+        }
+        h.write = { ctx, req, ino, data, size, offset in
+            server(ctx).write(FuseRequest(raw: req!), ino: ino, data: data!, size: size, offset: offset)
+        }
+        h.fsync = { ctx, req, ino, _ in server(ctx).fsync(FuseRequest(raw: req!), ino: ino) }
+        h.readdir = { ctx, req, ino, size, offset in
+            server(ctx).readdir(FuseRequest(raw: req!), ino: ino, size: size, offset: offset)
+        }
+        h.statfs = { ctx, req, _ in server(ctx).statfs(FuseRequest(raw: req!)) }
+        h.fallocate = { ctx, req, ino, mode, offset, length in
+            server(ctx).fallocate(FuseRequest(raw: req!), ino: ino, mode: mode, offset: offset, length: length)
+        }
+        h.lseek = { ctx, req, ino, offset, whence in
+            server(ctx).lseek(FuseRequest(raw: req!), ino: ino, offset: offset, whence: whence)
+        }
+        return h
+    }
+}
+
+// File-level so the C callbacks capture nothing (a static member would capture the metatype).
+private func server(_ context: UnsafeMutableRawPointer?) -> FuseServer {
+    Unmanaged<FuseServer>.fromOpaque(context!).takeUnretainedValue()
+}

@@ -1,0 +1,153 @@
+import CFuseBridge
+import ImgfsBlock
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What each FUSE operation does to the exported block nodes.
+extension FuseServer {
+    func lookup(_ request: FuseRequest, parent: UInt64, name: String) {
+        guard let ino = tree.lookup(parent: parent, name: name), let attr = tree.attributes(ino) else {
+            return request.fail(ENOENT)
+        }
+        request.replyEntry(attr, timeout: configuration.attributeTimeout)
+    }
+
+    func getattr(_ request: FuseRequest, ino: UInt64) {
+        guard let attr = tree.attributes(ino) else { return request.fail(ENOENT) }
+        request.replyAttr(attr, timeout: configuration.attributeTimeout)
+    }
+
+    func setattr(_ request: FuseRequest, ino: UInt64, toSet: Int32, size: Int64) {
+        guard tree.attributes(ino) != nil else { return request.fail(ENOENT) }
+        // Only the size means something for a disk; mode, owner and times are fixed and silently kept.
+        guard toSet & Int32(FUSE_SET_ATTR_SIZE) != 0, let file = tree.file(ino) else {
+            return getattr(request, ino: ino)
+        }
+        guard !file.isReadOnly else { return request.fail(EROFS) }
+        beginAsync(request) {
+            if size != file.node.length { try await file.node.truncate(to: size) }
+            self.getattr(request, ino: ino)
+        }
+    }
+
+    func open(_ request: FuseRequest, ino: UInt64, flags: Int32) {
+        guard let file = tree.file(ino) else {
+            return request.fail(tree.attributes(ino) == nil ? ENOENT : EISDIR)
+        }
+        // Root passes default_permissions on a 0444 file: refuse writable opens of read-only files here.
+        if (flags & O_ACCMODE) != O_RDONLY && file.isReadOnly { return request.fail(EROFS) }
+        request.replyOpen(keepCache: configuration.keepCache)
+    }
+
+    func read(_ request: FuseRequest, ino: UInt64, size: Int, offset: Int64) {
+        guard let file = tree.file(ino) else { return request.fail(EBADF) }
+        let length = Int(max(0, min(Int64(size), file.node.length - max(0, offset))))
+        guard offset >= 0, length > 0 else { return request.replyData(nil, count: 0) }
+        let buffers = self.buffers
+        beginAsync(request) {
+            let buffer = buffers.take(length)
+            defer { buffers.recycle(buffer, count: length) }
+            try await file.node.read(at: offset, into: UnsafeMutableRawBufferPointer(start: buffer, count: length))
+            request.replyData(buffer, count: length)
+        }
+    }
+
+    func write(_ request: FuseRequest, ino: UInt64, data: UnsafeRawPointer, size: Int, offset: Int64) {
+        guard let file = tree.file(ino) else { return request.fail(EBADF) }
+        guard !file.isReadOnly else { return request.fail(EROFS) }
+        // A disk does not grow by writing past its end: what fits is written, the rest is ENOSPC.
+        let length = Int(max(0, min(Int64(size), file.node.length - max(0, offset))))
+        guard offset >= 0 else { return request.fail(EINVAL) }
+        guard length > 0 else { return size == 0 ? request.replyWritten(0) : request.fail(ENOSPC) }
+        // libfuse reuses its buffer once this callback returns, so the data is copied before going async.
+        let buffer = buffers.take(length)
+        buffer.copyMemory(from: data, byteCount: length)
+        let copy = UncheckedSendable(buffer)
+        let buffers = self.buffers
+        beginAsync(request) {
+            defer { buffers.recycle(copy.value, count: length) }
+            try await file.node.write(at: offset, from: UnsafeRawBufferPointer(start: copy.value, count: length))
+            request.replyWritten(length)
+        }
+    }
+
+    func fsync(_ request: FuseRequest, ino: UInt64) {
+        guard let file = tree.file(ino) else { return request.succeed() }
+        beginAsync(request) {
+            try await file.node.flush()
+            request.succeed()
+        }
+    }
+
+    func readdir(_ request: FuseRequest, ino: UInt64, size: Int, offset: Int64) {
+        guard case .directory(let parent, let children)? = tree.inodes[ino] else { return request.fail(ENOTDIR) }
+        var entries: [(String, UInt64)] = [(".", ino), ("..", parent)]
+        entries += children.map { ($0.name, $0.ino) }
+        let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: max(size, 1))
+        defer { buffer.deallocate() }
+        var used = 0
+        var index = Int(max(0, offset))
+        while index < entries.count {
+            let (name, child) = entries[index]
+            let mode = tree.attributes(child)?.mode ?? UInt32(Glibc.S_IFDIR)
+            let next = imgfs_dirbuf_add(request.raw, buffer, size, used, name, child, mode, Int64(index + 1))
+            if next == 0 { break }
+            used = next
+            index += 1
+        }
+        request.replyData(buffer, count: used)
+    }
+
+    func statfs(_ request: FuseRequest) {
+        let files = tree.files
+        let bytes = files.reduce(Int64(0)) { $0 + $1.node.length }
+        _ = imgfs_reply_statfs(request.raw, UInt64(bytes / 4096), UInt64(tree.inodes.count), 4096)
+    }
+
+    func fallocate(_ request: FuseRequest, ino: UInt64, mode: Int32, offset: Int64, length: Int64) {
+        guard let file = tree.file(ino) else { return request.fail(EBADF) }
+        guard !file.isReadOnly else { return request.fail(EROFS) }
+        guard offset >= 0, length > 0 else { return request.fail(EINVAL) }
+        let size = file.node.length
+        let end = min(size, offset + length)
+        let keepSize = mode & FallocateMode.keepSize != 0
+        switch mode & ~FallocateMode.keepSize {
+        case 0:
+            // Preallocation: a virtual disk has all its bytes already; growing it is truncate's job.
+            return offset + length <= size || keepSize ? request.succeed() : request.fail(EOPNOTSUPP)
+        case FallocateMode.punchHole where keepSize, FallocateMode.zeroRange:
+            guard offset < size else { return request.succeed() }
+            // Punching must leave zeros behind (QEMU 7.2's export loses unaligned punches): write-zeroes does.
+            let unmap = mode & FallocateMode.punchHole != 0
+            beginAsync(request) {
+                try await file.node.writeZeroes(at: offset, length: end - offset, mayUnmap: unmap)
+                request.succeed()
+            }
+        default:
+            request.fail(EOPNOTSUPP)
+        }
+    }
+
+    func lseek(_ request: FuseRequest, ino: UInt64, offset: Int64, whence: Int32) {
+        guard let file = tree.file(ino) else { return request.fail(EBADF) }
+        let wantData: Bool
+        switch whence {
+        case 3: wantData = true   // SEEK_DATA
+        case 4: wantData = false  // SEEK_HOLE
+        default: return request.fail(EINVAL)
+        }
+        let size = file.node.length
+        guard offset >= 0, offset < size else { return request.fail(ENXIO) }
+        beginAsync(request) {
+            var position = offset
+            // Zero ranges count as holes, as they read as zeros and need not be copied.
+            while position < size {
+                let status = try await file.node.chainBlockStatus(at: position, length: size - position)
+                if (status.kind == .data) == wantData { return request.replyOffset(position) }
+                position += status.length
+            }
+            if wantData { request.fail(ENXIO) } else { request.replyOffset(size) }
+        }
+    }
+}

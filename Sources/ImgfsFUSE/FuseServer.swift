@@ -1,0 +1,148 @@
+import CFuseBridge
+import Dispatch
+import ImgfsBlock
+import Logging
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A FUSE mount serving a `MountTree` of exported block nodes.
+///
+/// libfuse's threads call the handlers, which answer metadata requests at once and start a task on the
+/// `IOExecutor` for anything that touches an image; that task answers when the I/O completes. Many requests are
+/// thus in flight at once, and no blocking call ever runs on Swift's cooperative pool.
+public final class FuseServer: @unchecked Sendable {
+    public let configuration: MountConfiguration
+    let tree: MountTree
+    let executor: IOExecutor
+    let logger: Logger
+    let buffers: BufferPool
+    private let inFlight = Atomic<Int>(0)
+    private var session: OpaquePointer?
+    private var handlers = imgfs_fuse_handlers()
+
+    public init(root: MountDirectory, configuration: MountConfiguration, executor: IOExecutor = .shared,
+                logger: Logger = Logger(label: "imgfs.fuse")) {
+        self.configuration = configuration
+        self.tree = MountTree(root: root)
+        self.executor = executor
+        self.logger = logger
+        self.buffers = BufferPool(bufferSize: configuration.maxRequestBytes, capacity: 64)
+    }
+
+    /// Creates the session and mounts it; the file is visible when this returns.
+    public func mount() throws {
+        handlers = FuseHandlers.table(context: Unmanaged.passUnretained(self).toOpaque())
+        let args = configuration.arguments
+        var cStrings = args.map { strdup($0) }
+        defer { cStrings.forEach { free($0) } }
+        let created: OpaquePointer? = cStrings.withUnsafeMutableBufferPointer { argv in
+            argv.baseAddress!.withMemoryRebound(to: UnsafePointer<CChar>?.self, capacity: argv.count) { base in
+                imgfs_session_new(&handlers, Int32(args.count), base, UInt32(configuration.maxRequestBytes))
+            }
+        }
+        guard let created else {
+            throw FuseError("cannot start a FUSE session with options \(args.dropFirst().joined(separator: " ")) (see the libfuse message above)")
+        }
+        guard imgfs_session_mount(created, configuration.mountpoint) == 0 else {
+            imgfs_session_destroy(created)
+            throw FuseError("cannot mount on \(configuration.mountpoint): is it an existing directory you may mount on, and is /dev/fuse usable?")
+        }
+        session = created
+        tuneReadahead()
+    }
+
+    /// Serves requests until the mount goes away or a signal ends the loop; then stops, flushes and unmounts.
+    public func run() async throws {
+        guard let session else { throw FuseError("run() before mount()") }
+        let threads = UInt32(max(1, configuration.fuseThreads))
+        let signals: Int32 = configuration.handleSignals ? 1 : 0
+        let unmanaged = UncheckedSendable(session)
+        // The loop blocks its thread: run it on a thread of its own, never on the cooperative pool.
+        let rc: Int32 = await withCheckedContinuation { continuation in
+            Self.spawnThread {
+                continuation.resume(returning: imgfs_session_loop(unmanaged.value, threads, signals))
+            }
+        }
+        try await shutdown()
+        if rc != 0 && rc != Int32(-EINTR) && rc != Int32(SIGTERM) && rc != Int32(SIGINT) && rc != Int32(SIGHUP) {
+            logger.warning("FUSE loop ended with \(rc)")
+        }
+    }
+
+    /// Runs the loop on the calling thread (the daemon's main thread, where signals are delivered), then shuts down.
+    public func runOnCurrentThread() throws {
+        guard let session else { throw FuseError("run before mount") }
+        _ = imgfs_session_loop(session, UInt32(max(1, configuration.fuseThreads)), configuration.handleSignals ? 1 : 0)
+        let done = DispatchSemaphore(value: 0)
+        let failure = Mutex<Error?>(nil)
+        Task(executorPreference: executor) {
+            do { try await self.shutdown() } catch { failure.withLock { $0 = error } }
+            done.signal()
+        }
+        done.wait()
+        if let error = failure.withLock({ $0 }) { throw error }
+    }
+
+    /// Waits for every answered-later request, flushes every writable image, unmounts and frees the session.
+    private func shutdown() async throws {
+        while inFlight.load(ordering: .acquiring) > 0 {
+            try? await Task.sleep(nanoseconds: 1_000_000)
+        }
+        var firstError: Error?
+        for file in tree.files where !file.isReadOnly {
+            do { try await file.node.flush() } catch {
+                logger.error("flush of \(file.node.path) failed: \(error)")
+                firstError = firstError ?? error
+            }
+        }
+        if let session {
+            imgfs_session_unmount(session)
+            imgfs_session_destroy(session)
+            self.session = nil
+        }
+        if let firstError { throw firstError }
+    }
+
+    /// Starts answering a request later: the mount does not shut down while any is pending.
+    func beginAsync(_ request: FuseRequest, _ work: @escaping @Sendable () async throws -> Void) {
+        inFlight.add(1, ordering: .relaxed)
+        Task(executorPreference: executor) {
+            do { try await work() } catch {
+                let errno = (error as? BlockError)?.errno ?? EIO
+                if errno == EIO { self.logger.error("\(error)") }
+                request.fail(errno)
+            }
+            self.inFlight.subtract(1, ordering: .releasing)
+        }
+    }
+
+    /// Asks the kernel for 1 MiB readahead on this mount's backing device (128 KiB by default); best effort.
+    private func tuneReadahead() {
+        guard let device = MountTable.entry(at: configuration.mountpoint)?.device else { return }
+        let fd = Glibc.open("/sys/class/bdi/\(device)/read_ahead_kb", O_WRONLY)
+        guard fd >= 0 else { return }
+        let value = "\(configuration.maxRequestBytes / 1024)\n"
+        _ = value.withCString { Glibc.write(fd, $0, strlen($0)) }
+        Glibc.close(fd)
+    }
+
+    static func spawnThread(_ body: @escaping @Sendable () -> Void) {
+        final class Box { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
+        var thread = pthread_t()
+        let box = Unmanaged.passRetained(Box(body)).toOpaque()
+        let rc = pthread_create(&thread, nil, { raw in
+            Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue().body()
+            return nil
+        }, box)
+        precondition(rc == 0, "pthread_create failed")
+        pthread_detach(thread)
+    }
+}
+
+/// A failure to set up or run the mount, with a one-line message.
+public struct FuseError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ message: String) { description = message }
+}

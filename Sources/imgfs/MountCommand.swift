@@ -1,0 +1,129 @@
+import ArgumentParser
+import ImgfsBlock
+import ImgfsFUSE
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `imgfs mount IMAGE MOUNTPOINT`.
+struct MountCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mount",
+        abstract: "Mount an image: MOUNTPOINT/<stem>.raw shows its disk.",
+        discussion: """
+            Returns once the file is there (the daemon keeps serving in the background), or exits non-zero
+            with a one-line error. A qcow2's internal snapshots appear read-only as MOUNTPOINT/snapshots/<name>.raw.
+            Backing files named inside an image must lie in that image's directory unless --allow-path covers them.
+
+            Example: imgfs mount disk.qcow2 /mnt/x && mount -o loop /mnt/x/disk.raw /mnt/guest
+            """)
+
+    @Argument(help: "The image file.") var image: String
+    @Argument(help: "An existing directory to mount on.") var mountpoint: String
+    @Flag(name: .long, help: "Refuse writes (EROFS).") var readOnly = false
+    @Flag(name: .long, help: "Stay in the foreground (logs go to stderr).") var foreground = false
+    @Option(name: .long, help: "Image format (raw, qcow2); probed when absent. A probed raw image is mounted read-only.")
+    var format: ImageFormat?
+    @Option(name: .shortAndLong, parsing: .singleValue, help: "FUSE mount options, comma-separated (e.g. allow_other).")
+    var options: [String] = []
+    @Option(name: .long, parsing: .singleValue, help: "A directory where files named inside images may also live (repeatable).")
+    var allowPath: [String] = []
+    @Option(name: .long, help: "Threads doing blocking I/O and decompression.") var ioThreads = 8
+    @Option(name: .long, help: "Threads reading requests from /dev/fuse.") var fuseThreads = 2
+    @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: Logger.Level = .warning
+    @Option(name: .long, help: "Where the daemon logs (default: nowhere once detached).") var logFile: String?
+    @Option(name: .long, help: .hidden) var readyFd: Int32?
+
+    func validate() throws {
+        if ioThreads < 1 || ioThreads > 256 { throw ValidationError("--io-threads must be 1...256") }
+        if fuseThreads < 1 || fuseThreads > 64 { throw ValidationError("--fuse-threads must be 1...64") }
+    }
+
+    func run() throws {
+        if !foreground {
+            let status = try Daemon.start(logFile: logFile)
+            if status != 0 { throw ExitCode(status) }
+            return
+        }
+        let report = ReadyReport(fd: readyFd)
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = logLevel
+            return handler
+        }
+        IOExecutor.configureShared(threads: ioThreads)
+        let server: FuseServer
+        let node: BlockNode
+        do {
+            let imagePath = try absolute(image, what: "image")
+            let mountPath = try absolute(mountpoint, what: "mountpoint")
+            var openOptions = OpenOptions(readOnly: readOnly, format: format,
+                                          pathPolicy: try PathPolicy(allowedDirectories: allowPath))
+            openOptions.readOnly = readOnly
+            let opts = openOptions
+            let readOnly = self.readOnly
+            node = try runBlocking { try await ImageOpener.open(imagePath, options: opts) }
+            let root = try runBlocking { try await MountLayout.directory(for: node, readOnly: readOnly) }
+            var config = MountConfiguration(mountpoint: mountPath, sourceName: "imgfs:\(imagePath)")
+            config.fuseOptions = options.flatMap { $0.split(separator: ",").map(String.init) }
+            config.readOnly = readOnly || node.isReadOnly
+            config.fuseThreads = fuseThreads
+            config.handleSignals = true
+            server = FuseServer(root: root, configuration: config)
+            do { try server.mount() } catch {
+                report.failure("\(error)", status: ExitStatus.mountError.rawValue)
+                throw ExitStatus.mountError
+            }
+            RuntimeRecord.write(mountpoint: mountPath, pid: getpid())
+            defer { RuntimeRecord.remove(mountpoint: mountPath) }
+            if node.isReadOnly && !readOnly {
+                Logger(label: "imgfs").notice("\(imagePath): format probed as raw; mounted read-only (pass --format raw to write)")
+            }
+            chdir("/")
+            report.ready()
+            try server.runOnCurrentThread()
+            try runBlocking { try await node.close() }
+        } catch let error as ExitCode {
+            throw error
+        } catch {
+            report.failure("\(error)", status: ExitStatus.imageError.rawValue)
+            throw ExitStatus.imageError
+        }
+    }
+
+    private func absolute(_ path: String, what: String) throws -> String {
+        guard let real = PathPolicy.realPath(path) else {
+            throw BlockError.system(errno: ENOENT, operation: "find \(what)", path: path)
+        }
+        return real
+    }
+}
+
+extension ImageFormat: ExpressibleByArgument {}
+extension Logger.Level: @retroactive ExpressibleByArgument {}
+
+/// Tells the waiting parent (or the terminal, in the foreground) how the mount went.
+struct ReadyReport {
+    let fd: Int32?
+
+    func ready() {
+        guard let fd else { return }
+        send("ready\n", to: fd)
+        close(fd)
+    }
+
+    func failure(_ message: String, status: Int32) {
+        if let fd {
+            send("\(status) \(message)\n", to: fd)
+            close(fd)
+        } else {
+            Diagnostics.error(message)
+        }
+    }
+
+    private func send(_ text: String, to fd: Int32) {
+        _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }
+    }
+}
