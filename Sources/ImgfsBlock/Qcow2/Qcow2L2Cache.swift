@@ -1,0 +1,88 @@
+import Synchronization
+
+/// One L2 table, its big-endian words already converted to host order.
+final class Qcow2L2Table: Sendable {
+    let words: [UInt64]
+
+    init(words: [UInt64]) { self.words = words }
+
+    /// Decodes a table from the bytes of one cluster.
+    init(bigEndianBytes buffer: UnsafeRawBufferPointer) {
+        let count = buffer.count / 8
+        words = [UInt64](unsafeUninitializedCapacity: count) { storage, initialized in
+            for i in 0..<count {
+                storage[i] = UInt64(bigEndian: buffer.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self))
+            }
+            initialized = count
+        }
+    }
+}
+
+/// A bounded least-recently-used cache of L2 tables keyed by their host offset.
+///
+/// Two tasks missing the same table at once may both load it; the second insert just replaces the first,
+/// which is cheaper than making readers wait on each other's I/O.
+final class Qcow2L2Cache: Sendable {
+    private struct Entry {
+        let table: Qcow2L2Table
+        var lastUse: UInt64
+    }
+
+    private struct State {
+        var entries: [Int64: Entry] = [:]
+        var clock: UInt64 = 0
+    }
+
+    /// Tables kept at most.
+    let capacity: Int
+    private let state = Mutex(State())
+
+    init(capacity: Int) {
+        self.capacity = max(1, capacity)
+    }
+
+    /// The default capacity: the whole mapping of the disk, up to `maxBytes`, and never fewer than 4 tables.
+    static func defaultCapacity(layout: Qcow2Layout, virtualSize: Int64, requestedBytes: Int?) -> Int {
+        let tableBytes = layout.clusterSize
+        let tablesForDisk = Int(virtualSize / layout.bytesPerL2Table) + 1
+        let budget = requestedBytes ?? (32 << 20)
+        let tablesInBudget = max(4, budget / tableBytes)
+        return requestedBytes == nil ? max(4, min(tablesForDisk, tablesInBudget)) : tablesInBudget
+    }
+
+    func cached(at offset: Int64) -> Qcow2L2Table? {
+        state.withLock { state in
+            guard var entry = state.entries[offset] else { return nil }
+            state.clock &+= 1
+            entry.lastUse = state.clock
+            state.entries[offset] = entry
+            return entry.table
+        }
+    }
+
+    func insert(_ table: Qcow2L2Table, at offset: Int64) {
+        state.withLock { state in
+            state.clock &+= 1
+            state.entries[offset] = Entry(table: table, lastUse: state.clock)
+            if state.entries.count > capacity {
+                // A linear scan is fine: eviction only follows a miss, which already costs a disk read.
+                if let oldest = state.entries.min(by: { $0.value.lastUse < $1.value.lastUse })?.key {
+                    state.entries.removeValue(forKey: oldest)
+                }
+            }
+        }
+    }
+
+    var count: Int { state.withLock { $0.entries.count } }
+
+    /// The table at `offset`, loading it from `file` on a miss.
+    func table(at offset: Int64, clusterSize: Int, file: HostFile) async throws -> Qcow2L2Table {
+        if let table = cached(at: offset) { return table }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterSize, alignment: 16)
+        defer { buffer.deallocate() }
+        try await file.readExactly(into: buffer, at: offset)
+        let table = Qcow2L2Table(bigEndianBytes: UnsafeRawBufferPointer(buffer))
+        insert(table, at: offset)
+        return table
+    }
+}
