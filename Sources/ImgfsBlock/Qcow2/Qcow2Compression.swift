@@ -8,17 +8,12 @@ final class Qcow2DecompressedCluster: Sendable {
 
 /// Reads and inflates compressed clusters, keeping the last few so sequential small reads inflate each once.
 final class Qcow2CompressedReader: Sendable {
-    private struct State {
-        var clusters: [Qcow2CompressedCluster: (cluster: Qcow2DecompressedCluster, lastUse: UInt64)] = [:]
-        var clock: UInt64 = 0
-    }
-
     let file: HostFile
     let compression: Qcow2CompressionType
     let clusterSize: Int
     let fileSize: Int64
     let capacity: Int
-    private let state = Mutex(State())
+    private let recent: Mutex<LRUList<Qcow2CompressedCluster, Qcow2DecompressedCluster>>
 
     init(file: HostFile, compression: Qcow2CompressionType, clusterSize: Int, fileSize: Int64) {
         self.file = file
@@ -27,18 +22,12 @@ final class Qcow2CompressedReader: Sendable {
         self.fileSize = fileSize
         // A handful of clusters, but never more than ~8 MiB of 2 MiB clusters.
         capacity = max(2, min(16, (8 << 20) / clusterSize))
+        recent = Mutex(LRUList(capacity: capacity))
     }
 
     /// The whole decompressed cluster described by `descriptor`.
     func cluster(_ descriptor: Qcow2CompressedCluster) async throws -> Qcow2DecompressedCluster {
-        let hit: Qcow2DecompressedCluster? = state.withLock { state in
-            guard var entry = state.clusters[descriptor] else { return nil }
-            state.clock &+= 1
-            entry.lastUse = state.clock
-            state.clusters[descriptor] = entry
-            return entry.cluster
-        }
-        if let hit { return hit }
+        if let hit = recent.withLock({ $0.value(for: descriptor) }) { return hit }
         // The stored size is an upper bound that may run past the end of the file; the stream must end before.
         let available = fileSize - descriptor.hostOffset
         let inputCount = Int(min(Int64(descriptor.maxCompressedBytes), available))
@@ -71,14 +60,7 @@ final class Qcow2CompressedReader: Sendable {
             throw failure
         }
         let cluster = Qcow2DecompressedCluster(bytes: bytes)
-        state.withLock { state in
-            state.clock &+= 1
-            state.clusters[descriptor] = (cluster, state.clock)
-            if state.clusters.count > capacity,
-               let oldest = state.clusters.min(by: { $0.value.lastUse < $1.value.lastUse })?.key {
-                state.clusters.removeValue(forKey: oldest)
-            }
-        }
+        recent.withLock { $0.insert(cluster, for: descriptor) }
         return cluster
     }
 }

@@ -23,57 +23,34 @@ final class Qcow2L2Table: Sendable {
 /// Two tasks missing the same table at once may both load it; the second insert just replaces the first,
 /// which is cheaper than making readers wait on each other's I/O.
 final class Qcow2L2Cache: Sendable {
-    private struct Entry {
-        let table: Qcow2L2Table
-        var lastUse: UInt64
-    }
-
-    private struct State {
-        var entries: [Int64: Entry] = [:]
-        var clock: UInt64 = 0
-    }
-
     /// Tables kept at most.
     let capacity: Int
-    private let state = Mutex(State())
+    private let state: Mutex<LRUList<Int64, Qcow2L2Table>>
 
     init(capacity: Int) {
         self.capacity = max(1, capacity)
+        state = Mutex(LRUList(capacity: max(1, capacity)))
     }
 
-    /// The default capacity: the whole mapping of the disk, up to `maxBytes`, and never fewer than 4 tables.
+    /// The default capacity: enough tables for the whole disk, but at most 32 MiB of them (or the bytes the
+    /// user asked for), and never fewer than 4 tables.
     static func defaultCapacity(layout: Qcow2Layout, virtualSize: Int64, requestedBytes: Int?) -> Int {
         let tableBytes = layout.clusterSize
-        let tablesForDisk = Int(virtualSize / layout.bytesPerL2Table) + 1
+        let tablesForDisk = Int(min(virtualSize / layout.bytesPerL2Table + 1, Int64(Int32.max)))
         let budget = requestedBytes ?? (32 << 20)
         let tablesInBudget = max(4, budget / tableBytes)
         return requestedBytes == nil ? max(4, min(tablesForDisk, tablesInBudget)) : tablesInBudget
     }
 
     func cached(at offset: Int64) -> Qcow2L2Table? {
-        state.withLock { state in
-            guard var entry = state.entries[offset] else { return nil }
-            state.clock &+= 1
-            entry.lastUse = state.clock
-            state.entries[offset] = entry
-            return entry.table
-        }
+        state.withLock { $0.value(for: offset) }
     }
 
     func insert(_ table: Qcow2L2Table, at offset: Int64) {
-        state.withLock { state in
-            state.clock &+= 1
-            state.entries[offset] = Entry(table: table, lastUse: state.clock)
-            if state.entries.count > capacity {
-                // A linear scan is fine: eviction only follows a miss, which already costs a disk read.
-                if let oldest = state.entries.min(by: { $0.value.lastUse < $1.value.lastUse })?.key {
-                    state.entries.removeValue(forKey: oldest)
-                }
-            }
-        }
+        state.withLock { $0.insert(table, for: offset) }
     }
 
-    var count: Int { state.withLock { $0.entries.count } }
+    var count: Int { state.withLock { $0.count } }
 
     /// The table at `offset`, loading it from `file` on a miss.
     func table(at offset: Int64, clusterSize: Int, file: HostFile) async throws -> Qcow2L2Table {
@@ -84,5 +61,80 @@ final class Qcow2L2Cache: Sendable {
         let table = Qcow2L2Table(bigEndianBytes: UnsafeRawBufferPointer(buffer))
         insert(table, at: offset)
         return table
+    }
+}
+
+/// A fixed-capacity map that forgets its least recently used entry; O(1) lookups, inserts and evictions.
+///
+/// Entries live in an array linked by indices (most recent at `head`) so no per-entry nodes are allocated.
+struct LRUList<Key: Hashable, Value> {
+    private struct Slot {
+        var key: Key
+        var value: Value
+        var previous: Int
+        var next: Int
+    }
+
+    let capacity: Int
+    private var slots: [Slot] = []
+    private var index: [Key: Int] = [:]
+    private var head = -1
+    private var tail = -1
+
+    init(capacity: Int) {
+        self.capacity = max(1, capacity)
+    }
+
+    var count: Int { index.count }
+
+    mutating func value(for key: Key) -> Value? {
+        guard let slot = index[key] else { return nil }
+        moveToFront(slot)
+        return slots[slot].value
+    }
+
+    mutating func insert(_ value: Value, for key: Key) {
+        if let slot = index[key] {
+            slots[slot].value = value
+            moveToFront(slot)
+            return
+        }
+        let slot: Int
+        if slots.count < capacity {
+            slot = slots.count
+            slots.append(Slot(key: key, value: value, previous: -1, next: -1))
+        } else {
+            // Reuse the least recently used slot.
+            slot = tail
+            unlink(slot)
+            index.removeValue(forKey: slots[slot].key)
+            slots[slot].key = key
+            slots[slot].value = value
+        }
+        index[key] = slot
+        linkAtFront(slot)
+    }
+
+    private mutating func moveToFront(_ slot: Int) {
+        if slot == head { return }
+        unlink(slot)
+        linkAtFront(slot)
+    }
+
+    private mutating func unlink(_ slot: Int) {
+        let previous = slots[slot].previous
+        let next = slots[slot].next
+        if previous >= 0 { slots[previous].next = next } else { head = next }
+        if next >= 0 { slots[next].previous = previous } else { tail = previous }
+        slots[slot].previous = -1
+        slots[slot].next = -1
+    }
+
+    private mutating func linkAtFront(_ slot: Int) {
+        slots[slot].previous = -1
+        slots[slot].next = head
+        if head >= 0 { slots[head].previous = slot }
+        head = slot
+        if tail < 0 { tail = slot }
     }
 }

@@ -39,9 +39,8 @@ struct Qcow2Snapshot: Sendable {
             let vmStateLarge = extra >= 8 ? variable.u64(0) : nil
             let diskSize = extra >= 16 ? variable.u64(8) : nil
             let icountRaw = extra >= 24 ? variable.u64(16) : nil
-            if header.version >= 3 && extra < 16 {
-                throw invalid(index, "version 3 requires extra data up to the disk size (has \(extra) bytes)")
-            }
+            // Version 3 requires the disk size in the extra data, but QEMU reads entries without it (falling
+            // back to the header's size), and so do we.
             guard l1Size <= Qcow2Limits.maxL1Entries else {
                 throw invalid(index, "l1_size \(l1Size) exceeds \(Qcow2Limits.maxL1Entries)")
             }
