@@ -1,0 +1,234 @@
+import Synchronization
+
+/// The qcow2 format driver (versions 2 and 3): reads, block status and internal snapshots; writes come later.
+public final class Qcow2Driver: BlockDriver {
+    public let format = ImageFormat.qcow2
+    public let length: Int64
+    public let isReadOnly: Bool
+    public let backingReference: BackingReference?
+
+    let file: HostFile
+    let header: Qcow2Header
+    let layout: Qcow2Layout
+    let compression: Qcow2CompressionType
+    let clusterMap: Qcow2ClusterMap
+    let compressedReader: Qcow2CompressedReader
+    let snapshotEntries: [Qcow2Snapshot]
+    private let backing: Mutex<BlockNode?>
+    private let metadataCacheBytes: Int?
+
+    private init(file: HostFile, header: Qcow2Header, layout: Qcow2Layout, compression: Qcow2CompressionType,
+                 length: Int64, l1: [UInt64], readOnly: Bool, backingReference: BackingReference?,
+                 backing: BlockNode?, snapshots: [Qcow2Snapshot], metadataCacheBytes: Int?) {
+        self.file = file
+        self.header = header
+        self.layout = layout
+        self.compression = compression
+        self.length = length
+        self.isReadOnly = readOnly
+        self.backingReference = backingReference
+        self.backing = Mutex(backing)
+        self.snapshotEntries = snapshots
+        self.metadataCacheBytes = metadataCacheBytes
+        let capacity = Qcow2L2Cache.defaultCapacity(layout: layout, virtualSize: length,
+                                                    requestedBytes: metadataCacheBytes)
+        clusterMap = Qcow2ClusterMap(layout: layout, l1: l1, file: file, cache: Qcow2L2Cache(capacity: capacity))
+        compressedReader = Qcow2CompressedReader(file: file, compression: compression,
+                                                 clusterSize: layout.clusterSize, fileSize: layout.fileSize)
+    }
+
+    /// Opens and validates a qcow2 image; on a read-write open, clears the autoclear feature bits we do not keep.
+    public static func open(_ context: DriverOpenContext) async throws -> Qcow2Driver {
+        let file = context.file
+        let path = file.path
+        func invalid(_ reason: String) -> BlockError { .invalidImage(path: path, reason: reason) }
+        let fileSize = try file.size()
+        let firstBytes = try await file.readBytes(count: Int(min(fileSize, 112)), at: 0)
+        let header: Qcow2Header
+        do {
+            header = try Qcow2Header(parsing: BigEndianBytes(firstBytes))
+        } catch {
+            throw invalid(error.reason)
+        }
+        // Header, extensions and backing file name all live in the first cluster.
+        let headerCluster = BigEndianBytes(
+            try await file.readBytes(count: Int(min(fileSize, Int64(header.clusterSize))), at: 0))
+        let extensions: Qcow2HeaderExtensions
+        let compression: Qcow2CompressionType
+        do {
+            if header.version == 3 && Int(header.headerLength) > headerCluster.count {
+                throw Qcow2HeaderError("header_length \(header.headerLength) passes the end of the file")
+            }
+            let extensionsEnd = header.backingFileOffset != 0 && header.backingFileOffset < UInt64(header.clusterSize)
+                ? Int(header.backingFileOffset) : header.clusterSize
+            extensions = header.version == 3
+                ? try Qcow2HeaderExtensions(parsing: headerCluster, start: Int(header.headerLength), end: extensionsEnd)
+                : try Qcow2HeaderExtensions(parsing: headerCluster, start: Qcow2Header.version2Length, end: extensionsEnd)
+            compression = try header.validate(fileSize: fileSize, readOnly: context.readOnly,
+                                              featureNames: extensions.featureNames)
+        } catch let error as Qcow2HeaderError {
+            throw invalid(error.reason)
+        }
+
+        var backingReference: BackingReference?
+        if header.backingFileOffset != 0 && header.backingFileSize > 0 {
+            guard let nameBytes = headerCluster.slice(Int(header.backingFileOffset), count: Int(header.backingFileSize)),
+                  let name = String(validating: nameBytes, as: UTF8.self) else {
+                throw invalid("backing file name is not valid UTF-8")
+            }
+            var backingFormat: ImageFormat?
+            if let formatName = extensions.backingFormat {
+                guard let known = ImageFormat(rawValue: formatName) else {
+                    throw BlockError.unsupported("\(path): backing file format '\(formatName)'")
+                }
+                backingFormat = known
+            }
+            backingReference = BackingReference(name: name, format: backingFormat)
+        }
+
+        let layout = Qcow2Layout(header: header, fileSize: fileSize)
+        let l1 = try await Qcow2ClusterMap.loadL1(file: file, offset: Int64(header.l1TableOffset),
+                                                  entries: Int(header.l1Size))
+        let snapshots = try await Qcow2Snapshot.readTable(file: file, offset: Int64(header.snapshotsOffset),
+                                                          count: Int(header.snapshotCount), header: header,
+                                                          fileSize: fileSize)
+        if !context.readOnly && header.version == 3 && header.autoclearFeatures != 0 {
+            // Autoclear bits promise extra data (bitmaps) kept in sync with the disk; we do not keep it, so as
+            // QEMU does for bits it does not know, clear them before anything can be written.
+            let cleared = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
+            defer { cleared.deallocate() }
+            cleared.initializeMemory(as: UInt8.self, repeating: 0)
+            try await file.write(UnsafeRawBufferPointer(cleared), at: Qcow2Header.autoclearFeaturesOffset)
+            try await file.flush()
+        }
+        var effectiveHeader = header
+        if !context.readOnly { effectiveHeader.autoclearFeatures = 0 }
+        return Qcow2Driver(file: file, header: effectiveHeader, layout: layout, compression: compression,
+                           length: Int64(header.size), l1: l1, readOnly: context.readOnly,
+                           backingReference: backingReference, backing: nil, snapshots: snapshots,
+                           metadataCacheBytes: context.options.metadataCacheBytes)
+    }
+
+    public func attachBacking(_ backing: BlockNode) {
+        self.backing.withLock { $0 = backing }
+    }
+
+    private var backingNode: BlockNode? { backing.withLock { $0 } }
+
+    // MARK: Reads
+
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        let backing = backingNode
+        var done = 0
+        while done < buffer.count {
+            let position = offset + Int64(done)
+            let run = try await clusterMap.run(at: position, maxLength: Int64(buffer.count - done))
+            let count = Int(min(run.length, Int64(buffer.count - done)))
+            let target = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + count)])
+            switch run.state {
+            case .data(let host):
+                try await file.readExactly(into: target, at: host)
+            case .zero:
+                target.initializeMemory(as: UInt8.self, repeating: 0)
+            case .unallocated:
+                if let backing {
+                    try await backing.readZeroPadded(at: position, into: target)
+                } else {
+                    target.initializeMemory(as: UInt8.self, repeating: 0)
+                }
+            case .compressed(let descriptor):
+                let cluster = try await compressedReader.cluster(descriptor)
+                let start = Int(position & layout.clusterOffsetMask)
+                cluster.bytes.withUnsafeBytes { source in
+                    target.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[start..<(start + count)]))
+                }
+            }
+            done += count
+        }
+    }
+
+    public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
+        let first = try await clusterMap.run(at: offset, maxLength: length)
+        var covered = first.length
+        // Runs stop at L2 table boundaries; keep merging while the state (and host contiguity) continues.
+        while covered < length {
+            let next = try await clusterMap.run(at: offset + covered, maxLength: length - covered)
+            switch (first.state, next.state) {
+            case (.zero, .zero), (.unallocated, .unallocated), (.compressed, .compressed):
+                break
+            case (.data(let host), .data(let nextHost)) where nextHost == host + covered:
+                break
+            default:
+                return Self.status(first.state, length: covered)
+            }
+            covered += next.length
+        }
+        return Self.status(first.state, length: min(covered, length))
+    }
+
+    private static func status(_ state: Qcow2UnitState, length: Int64) -> BlockStatus {
+        switch state {
+        case .data(let host): return BlockStatus(kind: .data, length: length, hostOffset: host)
+        case .compressed: return BlockStatus(kind: .data, length: length, hostOffset: nil)
+        case .zero: return BlockStatus(kind: .zero, length: length)
+        case .unallocated: return BlockStatus(kind: .unallocated, length: length)
+        }
+    }
+
+    // MARK: Writes (not implemented yet)
+
+    private func refuseWrite() -> BlockError {
+        isReadOnly ? .readOnly : .unsupported("qcow2 writing is not implemented yet")
+    }
+
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws { throw refuseWrite() }
+    public func writeZeroes(at offset: Int64, length: Int64, mayUnmap: Bool) async throws { throw refuseWrite() }
+    public func discard(at offset: Int64, length: Int64) async throws { throw refuseWrite() }
+    public func truncate(to length: Int64) async throws { throw refuseWrite() }
+    public func flush() async throws {}
+    public func close() async throws {}
+
+    // MARK: Metadata
+
+    public func formatInfo() -> [String: InfoValue] {
+        var info: [String: InfoValue] = [
+            "compat": .string(header.version == 2 ? "0.10" : "1.1"),
+            "cluster-size": .int(Int64(layout.clusterSize)),
+            "refcount-bits": .int(Int64(1) << Int64(header.refcountOrder)),
+            "compression-type": .string(compression.name),
+            "extended-l2": .bool(layout.extendedL2),
+            "lazy-refcounts": .bool(header.hasLazyRefcounts),
+            "corrupt": .bool(header.isMarkedCorrupt),
+        ]
+        if let backingReference {
+            info["backing-filename"] = .string(backingReference.name)
+            if let format = backingReference.format {
+                info["backing-filename-format"] = .string(format.rawValue)
+            }
+        }
+        return info
+    }
+
+    public var snapshots: [SnapshotDescriptor] { snapshotEntries.map(\.descriptor) }
+
+    public func openSnapshot(_ snapshot: SnapshotDescriptor) async throws -> BlockDriver {
+        guard let entry = snapshotEntries.first(where: { $0.descriptor == snapshot }) else {
+            throw BlockError.unsupported("\(file.path): no snapshot with id '\(snapshot.id)' and name '\(snapshot.name)'")
+        }
+        let size = entry.descriptor.diskSize
+        let neededL1 = size / layout.bytesPerL2Table + (size % layout.bytesPerL2Table == 0 ? 0 : 1)
+        guard Int64(entry.l1Size) >= neededL1 else {
+            throw BlockError.invalidImage(path: file.path,
+                                          reason: "snapshot '\(snapshot.name)': l1_size \(entry.l1Size) is too small for its disk size \(size)")
+        }
+        let l1 = try await Qcow2ClusterMap.loadL1(file: file, offset: entry.l1TableOffset, entries: entry.l1Size)
+        return Qcow2Driver(file: file, header: header, layout: layout, compression: compression, length: size,
+                           l1: l1, readOnly: true, backingReference: backingReference, backing: backingNode,
+                           snapshots: [], metadataCacheBytes: metadataCacheBytes)
+    }
+
+    /// The refcount table, loaded on demand (for checks and, later, writing).
+    func loadRefcountTable() async throws -> Qcow2RefcountTable {
+        try await Qcow2RefcountTable.load(file: file, header: header, layout: layout)
+    }
+}

@@ -1,0 +1,140 @@
+import Synchronization
+
+/// One L2 table, its big-endian words already converted to host order.
+final class Qcow2L2Table: Sendable {
+    let words: [UInt64]
+
+    init(words: [UInt64]) { self.words = words }
+
+    /// Decodes a table from the bytes of one cluster.
+    init(bigEndianBytes buffer: UnsafeRawBufferPointer) {
+        let count = buffer.count / 8
+        words = [UInt64](unsafeUninitializedCapacity: count) { storage, initialized in
+            for i in 0..<count {
+                storage[i] = UInt64(bigEndian: buffer.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self))
+            }
+            initialized = count
+        }
+    }
+}
+
+/// A bounded least-recently-used cache of L2 tables keyed by their host offset.
+///
+/// Two tasks missing the same table at once may both load it; the second insert just replaces the first,
+/// which is cheaper than making readers wait on each other's I/O.
+final class Qcow2L2Cache: Sendable {
+    /// Tables kept at most.
+    let capacity: Int
+    private let state: Mutex<LRUList<Int64, Qcow2L2Table>>
+
+    init(capacity: Int) {
+        self.capacity = max(1, capacity)
+        state = Mutex(LRUList(capacity: max(1, capacity)))
+    }
+
+    /// The default capacity: enough tables for the whole disk, but at most 32 MiB of them (or the bytes the
+    /// user asked for), and never fewer than 4 tables.
+    static func defaultCapacity(layout: Qcow2Layout, virtualSize: Int64, requestedBytes: Int?) -> Int {
+        let tableBytes = layout.clusterSize
+        let tablesForDisk = Int(min(virtualSize / layout.bytesPerL2Table + 1, Int64(Int32.max)))
+        let budget = requestedBytes ?? (32 << 20)
+        let tablesInBudget = max(4, budget / tableBytes)
+        return requestedBytes == nil ? max(4, min(tablesForDisk, tablesInBudget)) : tablesInBudget
+    }
+
+    func cached(at offset: Int64) -> Qcow2L2Table? {
+        state.withLock { $0.value(for: offset) }
+    }
+
+    func insert(_ table: Qcow2L2Table, at offset: Int64) {
+        state.withLock { $0.insert(table, for: offset) }
+    }
+
+    var count: Int { state.withLock { $0.count } }
+
+    /// The table at `offset`, loading it from `file` on a miss.
+    func table(at offset: Int64, clusterSize: Int, file: HostFile) async throws -> Qcow2L2Table {
+        if let table = cached(at: offset) { return table }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterSize, alignment: 16)
+        defer { buffer.deallocate() }
+        try await file.readExactly(into: buffer, at: offset)
+        let table = Qcow2L2Table(bigEndianBytes: UnsafeRawBufferPointer(buffer))
+        insert(table, at: offset)
+        return table
+    }
+}
+
+/// A fixed-capacity map that forgets its least recently used entry; O(1) lookups, inserts and evictions.
+///
+/// Entries live in an array linked by indices (most recent at `head`) so no per-entry nodes are allocated.
+struct LRUList<Key: Hashable, Value> {
+    private struct Slot {
+        var key: Key
+        var value: Value
+        var previous: Int
+        var next: Int
+    }
+
+    let capacity: Int
+    private var slots: [Slot] = []
+    private var index: [Key: Int] = [:]
+    private var head = -1
+    private var tail = -1
+
+    init(capacity: Int) {
+        self.capacity = max(1, capacity)
+    }
+
+    var count: Int { index.count }
+
+    mutating func value(for key: Key) -> Value? {
+        guard let slot = index[key] else { return nil }
+        moveToFront(slot)
+        return slots[slot].value
+    }
+
+    mutating func insert(_ value: Value, for key: Key) {
+        if let slot = index[key] {
+            slots[slot].value = value
+            moveToFront(slot)
+            return
+        }
+        let slot: Int
+        if slots.count < capacity {
+            slot = slots.count
+            slots.append(Slot(key: key, value: value, previous: -1, next: -1))
+        } else {
+            // Reuse the least recently used slot.
+            slot = tail
+            unlink(slot)
+            index.removeValue(forKey: slots[slot].key)
+            slots[slot].key = key
+            slots[slot].value = value
+        }
+        index[key] = slot
+        linkAtFront(slot)
+    }
+
+    private mutating func moveToFront(_ slot: Int) {
+        if slot == head { return }
+        unlink(slot)
+        linkAtFront(slot)
+    }
+
+    private mutating func unlink(_ slot: Int) {
+        let previous = slots[slot].previous
+        let next = slots[slot].next
+        if previous >= 0 { slots[previous].next = next } else { head = next }
+        if next >= 0 { slots[next].previous = previous } else { tail = previous }
+        slots[slot].previous = -1
+        slots[slot].next = -1
+    }
+
+    private mutating func linkAtFront(_ slot: Int) {
+        slots[slot].previous = -1
+        slots[slot].next = head
+        if head >= 0 { slots[head].previous = slot }
+        head = slot
+        if tail < 0 { tail = slot }
+    }
+}
