@@ -4,6 +4,14 @@ public enum ImageFormat: String, Sendable, CaseIterable {
     case qcow2
     case vmdk
 
+    /// Whether imgfs's driver writes this format yet; images of other formats open read-only.
+    public var isWritableByImgfs: Bool {
+        switch self {
+        case .raw: return true
+        case .qcow2, .vmdk: return false
+        }
+    }
+
     /// Formats recognised by their first bytes. Raw has no magic and is the answer when nothing matches.
     public static func probe(header: UnsafeRawBufferPointer) -> ImageFormat {
         func starts(with magic: [UInt8]) -> Bool {

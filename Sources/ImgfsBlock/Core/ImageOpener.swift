@@ -61,13 +61,12 @@ public enum ImageOpener {
             chosen = format
         } else {
             chosen = try await probe(file)
-            if chosen == .raw && !readOnly {
-                // A probed raw image is never written: a guest could write a header into it that the next
-                // probe would obey.
-                readOnly = true
-                file = try HostFile.open(path, readOnly: true)
-            }
+            // A probed raw image is never written: a guest could write a header into it that the next probe
+            // would obey.
+            if chosen == .raw { readOnly = true }
         }
+        if !chosen.isWritableByImgfs { readOnly = true }
+        if readOnly && !file.isReadOnly { file = try HostFile.open(path, readOnly: true) }
         let context = DriverOpenContext(file: file, readOnly: readOnly, options: options)
         let driver = try await DriverRegistry.open(chosen, context)
         var backing: BlockNode?
