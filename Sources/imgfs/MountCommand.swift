@@ -29,6 +29,8 @@ struct MountCommand: ParsableCommand {
     var options: [String] = []
     @Option(name: .long, parsing: .singleValue, help: "A directory where files named inside images may also live (repeatable).")
     var allowPath: [String] = []
+    @Option(name: .long, help: "Bytes of qcow2 L2 tables cached per image (suffixes K, M, G); default: enough to map 256 GiB with 64 KiB clusters, at most 32M.")
+    var l2CacheSize: ByteCount?
     @Option(name: .long, help: "Threads doing blocking I/O and decompression.") var ioThreads = 8
     @Option(name: .long, help: "Threads reading requests from /dev/fuse.") var fuseThreads = 2
     @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
@@ -61,7 +63,7 @@ struct MountCommand: ParsableCommand {
             let mountPath = try absolute(mountpoint, what: "mountpoint")
             var openOptions = OpenOptions(readOnly: readOnly, format: format,
                                           pathPolicy: try PathPolicy(allowedDirectories: allowPath))
-            openOptions.readOnly = readOnly
+            openOptions.metadataCacheBytes = l2CacheSize?.bytes
             let opts = openOptions
             let readOnly = self.readOnly
             node = try runBlocking { try await ImageOpener.open(imagePath, options: opts) }
@@ -102,6 +104,23 @@ struct MountCommand: ParsableCommand {
 }
 
 extension ImageFormat: ExpressibleByArgument {}
+
+/// A byte count given as `65536`, `64K`, `32M` or `1G`.
+struct ByteCount: ExpressibleByArgument {
+    let bytes: Int
+
+    init?(argument: String) {
+        let units: [Character: Int] = ["K": 1 << 10, "M": 1 << 20, "G": 1 << 30]
+        var text = argument.uppercased()
+        var scale = 1
+        if let last = text.last, let unit = units[last] {
+            scale = unit
+            text.removeLast()
+        }
+        guard let value = Int(text), value >= 0, value <= Int.max / scale else { return nil }
+        bytes = value * scale
+    }
+}
 extension Logger.Level: @retroactive ExpressibleByArgument {}
 
 /// Tells the waiting parent (or the terminal, in the foreground) how the mount went.

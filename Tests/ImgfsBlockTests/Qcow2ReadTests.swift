@@ -230,13 +230,19 @@ private func expectSameAsQemu(_ scratch: QemuScratch, _ image: String, chunk: In
     @Test func writesAreRefusedUntilImplemented() async throws {
         let scratch = try QemuScratch()
         try scratch.qemuImg("create", "-q", "-f", "qcow2", scratch.path("w.qcow2"), "1M")
-        let readWrite = try await openImage(scratch.path("w.qcow2"), readOnly: false)
+        let readWrite = try await openQcow2DriverReadWrite(scratch.path("w.qcow2"))
         let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 16)
         defer { bytes.deallocate() }
         bytes.initializeMemory(as: UInt8.self, repeating: 1)
         let source = UncheckedSendable(UnsafeRawBufferPointer(bytes))
         await #expect(throws: BlockError.unsupported("qcow2 writing is not implemented yet")) {
-            try await readWrite.driver.write(at: 0, from: source.value)
+            try await readWrite.write(at: 0, from: source.value)
+        }
+        // Through the opener a qcow2 opens read-only for now, whatever was asked.
+        let viaOpener = try await openImage(scratch.path("w.qcow2"), readOnly: false)
+        #expect(viaOpener.isReadOnly)
+        await #expect(throws: BlockError.readOnly) {
+            try await viaOpener.write(at: 0, from: source.value)
         }
         let readOnly = try await openImage(scratch.path("w.qcow2"))
         await #expect(throws: BlockError.readOnly) {
@@ -251,7 +257,7 @@ private func expectSameAsQemu(_ scratch: QemuScratch, _ image: String, chunk: In
         #expect(try scratch.read("b.qcow2", at: 88, count: 8) != [UInt8](repeating: 0, count: 8))
         _ = try await openImage(scratch.path("b.qcow2"))
         #expect(try scratch.read("b.qcow2", at: 88, count: 8) != [UInt8](repeating: 0, count: 8))
-        _ = try await openImage(scratch.path("b.qcow2"), readOnly: false)
+        _ = try await openQcow2DriverReadWrite(scratch.path("b.qcow2"))
         #expect(try scratch.read("b.qcow2", at: 88, count: 8) == [UInt8](repeating: 0, count: 8))
     }
 }

@@ -84,6 +84,14 @@ func openImage(_ path: String, readOnly: Bool = true) async throws -> BlockNode 
     try await ImageOpener.open(path, options: OpenOptions(readOnly: readOnly, pathPolicy: try PathPolicy()))
 }
 
+/// Opens the qcow2 driver itself read-write, below the opener (which keeps qcow2 read-only until writing lands),
+/// to test what the driver does on a read-write open.
+func openQcow2DriverReadWrite(_ path: String) async throws -> Qcow2Driver {
+    let file = try HostFile.open(path, readOnly: false)
+    return try await Qcow2Driver.open(DriverOpenContext(file: file, readOnly: false,
+                                                        options: OpenOptions(pathPolicy: try PathPolicy())))
+}
+
 /// Reads `count` bytes at `offset` through the node into an array.
 func readNode(_ node: BlockNode, at offset: Int64, count: Int) async throws -> [UInt8] {
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 16)

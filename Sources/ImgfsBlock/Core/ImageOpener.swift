@@ -25,6 +25,12 @@ public struct DriverOpenContext: Sendable {
     public let file: HostFile
     public let readOnly: Bool
     public let options: OpenOptions
+
+    public init(file: HostFile, readOnly: Bool, options: OpenOptions) {
+        self.file = file
+        self.readOnly = readOnly
+        self.options = options
+    }
 }
 
 /// Opens images and their backing chains, applying the untrusted-input rules in one place.

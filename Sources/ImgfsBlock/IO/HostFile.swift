@@ -134,17 +134,22 @@ public final class HostFile: Sendable {
 
     // MARK: Async calls, from any context.
 
+    // Each checks for an I/O thread first so the hot path neither allocates a closure nor hops.
+
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) async throws -> Int {
+        if IOExecutor.isCurrentThreadIOThread { return try preadSome(buffer, at: offset) }
         let b = UncheckedSendable(buffer)
         return try await executor.perform { try self.preadSome(b.value, at: offset) }
     }
 
     public func readExactly(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) async throws {
+        if IOExecutor.isCurrentThreadIOThread { return try preadExactly(buffer, at: offset) }
         let b = UncheckedSendable(buffer)
         try await executor.perform { try self.preadExactly(b.value, at: offset) }
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int64) async throws {
+        if IOExecutor.isCurrentThreadIOThread { return try pwriteAll(buffer, at: offset) }
         let b = UncheckedSendable(buffer)
         try await executor.perform { try self.pwriteAll(b.value, at: offset) }
     }

@@ -199,6 +199,7 @@ public final class Qcow2Driver: BlockDriver {
             "extended-l2": .bool(layout.extendedL2),
             "lazy-refcounts": .bool(header.hasLazyRefcounts),
             "corrupt": .bool(header.isMarkedCorrupt),
+            "dirty-flag": .bool(header.incompatibleFeatures & Qcow2IncompatibleFeature.dirty.mask != 0),
         ]
         if let backingReference {
             info["backing-filename"] = .string(backingReference.name)
