@@ -33,6 +33,9 @@ public final class FuseServer: @unchecked Sendable {
 
     /// Creates the session and mounts it; the file is visible when this returns.
     public func mount() throws {
+        if access("/dev/fuse", R_OK | W_OK) != 0 {
+            throw FuseError("cannot use /dev/fuse: \(String(cString: strerror(errno))) (is the fuse module loaded and the device readable and writable by you?)")
+        }
         handlers = FuseHandlers.table(context: Unmanaged.passUnretained(self).toOpaque())
         let args = configuration.arguments
         var cStrings = args.map { strdup($0) }
@@ -47,7 +50,7 @@ public final class FuseServer: @unchecked Sendable {
         }
         guard imgfs_session_mount(created, configuration.mountpoint) == 0 else {
             imgfs_session_destroy(created)
-            throw FuseError("cannot mount on \(configuration.mountpoint): is it an existing directory you may mount on, and is /dev/fuse usable?")
+            throw FuseError("cannot mount on \(configuration.mountpoint): is it an existing directory you own (or are you root)?")
         }
         session = created
         tuneReadahead()

@@ -26,7 +26,9 @@ enum Daemon {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         let log = logFile ?? "/dev/null"
         posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        // Until it is ready the child's stderr is the pipe too, so libfuse's own complaints reach the user;
+        // once ready it points stderr at the log.
+        posix_spawn_file_actions_adddup2(&actions, writeEnd, 2)
         posix_spawn_file_actions_adddup2(&actions, writeEnd, childReadyFd)
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
@@ -49,14 +51,22 @@ enum Daemon {
         }
         let answer = readAll(readEnd)
         close(readEnd)
-        if answer.hasPrefix("ready") { return 0 }
-        var status: Int32 = 0
-        waitpid(pid, &status, 0)
-        if let space = answer.firstIndex(of: " "), let code = Int32(answer[..<space]) {
-            Diagnostics.error(String(answer[answer.index(after: space)...]).trimmingTrailingNewlines())
-            return code
+        var status: Int32?
+        for line in answer.split(separator: "\n", omittingEmptySubsequences: true) {
+            if line == ReadyReport.readyLine { return 0 }
+            if line.hasPrefix(ReadyReport.failurePrefix) {
+                let rest = line.dropFirst(ReadyReport.failurePrefix.count)
+                let space = rest.firstIndex(of: " ") ?? rest.endIndex
+                status = Int32(rest[..<space])
+                Diagnostics.error(String(rest[space...].drop { $0 == " " }))
+            } else {
+                Diagnostics.write(line + "\n")
+            }
         }
-        Diagnostics.error("the daemon exited before mounting (status \(status)); run with --foreground to see why")
+        var exitStatus: Int32 = 0
+        waitpid(pid, &exitStatus, 0)
+        if let status { return status }
+        Diagnostics.error("the daemon exited before mounting (status \(exitStatus)); run with --foreground to see why")
         return 71
     }
 

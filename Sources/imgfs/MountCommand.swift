@@ -49,7 +49,7 @@ struct MountCommand: ParsableCommand {
             if status != 0 { throw ExitCode(status) }
             return
         }
-        let report = ReadyReport(fd: readyFd)
+        let report = ReadyReport(fd: readyFd, logFile: logFile)
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = logLevel
@@ -60,7 +60,10 @@ struct MountCommand: ParsableCommand {
         let node: BlockNode
         do {
             let imagePath = try absolute(image, what: "image")
-            let mountPath = try absolute(mountpoint, what: "mountpoint")
+            guard let mountPath = PathPolicy.realPath(mountpoint) else {
+                report.failure("\(mountpoint): mountpoint does not exist", status: ExitStatus.mountError.rawValue)
+                throw ExitStatus.mountError
+            }
             var openOptions = OpenOptions(readOnly: readOnly, format: format,
                                           pathPolicy: try PathPolicy(allowedDirectories: allowPath))
             openOptions.metadataCacheBytes = l2CacheSize?.bytes
@@ -97,7 +100,7 @@ struct MountCommand: ParsableCommand {
 
     private func absolute(_ path: String, what: String) throws -> String {
         guard let real = PathPolicy.realPath(path) else {
-            throw BlockError.system(errno: ENOENT, operation: "find \(what)", path: path)
+            throw BlockError.system(errno: ENOENT, operation: "open", path: path)
         }
         return real
     }
@@ -125,17 +128,26 @@ extension Logger.Level: @retroactive ExpressibleByArgument {}
 
 /// Tells the waiting parent (or the terminal, in the foreground) how the mount went.
 struct ReadyReport {
+    static let readyLine = "imgfs-ready"
+    static let failurePrefix = "imgfs-failed "
     let fd: Int32?
+    let logFile: String?
 
     func ready() {
         guard let fd else { return }
-        send("ready\n", to: fd)
+        send(Self.readyLine + "\n", to: fd)
         close(fd)
+        // From now on stderr (the parent's pipe until here) goes to the log.
+        let log = open(logFile ?? "/dev/null", O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        if log >= 0 {
+            dup2(log, 2)
+            close(log)
+        }
     }
 
     func failure(_ message: String, status: Int32) {
         if let fd {
-            send("\(status) \(message)\n", to: fd)
+            send("\(Self.failurePrefix)\(status) \(message)\n", to: fd)
             close(fd)
         } else {
             Diagnostics.error(message)
