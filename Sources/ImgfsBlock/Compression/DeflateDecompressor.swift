@@ -2,6 +2,9 @@ import CDeflate
 
 /// Raw-deflate (RFC 1951, no zlib header) decompression of one block of known output size, via libdeflate.
 public enum DeflateDecompressor {
+    private static let pool = ContextPool(create: { libdeflate_alloc_decompressor() },
+                                          destroy: { libdeflate_free_decompressor($0) })
+
     /// Inflates `input` into all of `output`; fails unless the stream produces exactly `output.count` bytes.
     ///
     /// `input` may be longer than the stream (qcow2 stores an upper bound of the compressed size), so the
@@ -10,14 +13,12 @@ public enum DeflateDecompressor {
         guard let inputBase = input.baseAddress, let outputBase = output.baseAddress else {
             throw BlockError.corrupt("empty deflate stream or output")
         }
-        guard let decompressor = libdeflate_alloc_decompressor() else {
-            throw BlockError.system(errno: 12, operation: "libdeflate_alloc_decompressor", path: "")
-        }
-        defer { libdeflate_free_decompressor(decompressor) }
         var consumed = 0
         var produced = 0
-        let result = libdeflate_deflate_decompress_ex(decompressor, inputBase, input.count, outputBase, output.count,
-                                                      &consumed, &produced)
+        let result = try pool.with { decompressor in
+            libdeflate_deflate_decompress_ex(decompressor, inputBase, input.count, outputBase, output.count,
+                                             &consumed, &produced)
+        }
         guard result == LIBDEFLATE_SUCCESS else {
             throw BlockError.corrupt("deflate stream is invalid (libdeflate result \(result.rawValue))")
         }

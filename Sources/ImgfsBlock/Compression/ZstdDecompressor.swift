@@ -2,6 +2,8 @@ import CZstd
 
 /// Zstandard decompression of one block of known output size; the input may hold several frames and padding.
 public enum ZstdDecompressor {
+    private static let pool = ContextPool(create: { ZSTD_createDCtx() }, destroy: { ZSTD_freeDCtx($0) })
+
     /// Decompresses frames from `input` until `output` is exactly full.
     ///
     /// qcow2 stores an upper bound of the compressed size, so bytes after the last needed frame are ignored;
@@ -10,10 +12,12 @@ public enum ZstdDecompressor {
         guard let inputBase = input.baseAddress, let outputBase = output.baseAddress else {
             throw BlockError.corrupt("empty zstd stream or output")
         }
-        guard let context = ZSTD_createDCtx() else {
-            throw BlockError.system(errno: 12, operation: "ZSTD_createDCtx", path: "")
-        }
-        defer { ZSTD_freeDCtx(context) }
+        try pool.with { context in try decompress(input, inputBase, into: output, outputBase, context: context) }
+    }
+
+    private static func decompress(_ input: UnsafeRawBufferPointer, _ inputBase: UnsafeRawPointer,
+                                   into output: UnsafeMutableRawBufferPointer, _ outputBase: UnsafeMutableRawPointer,
+                                   context: OpaquePointer) throws {
         var consumed = 0
         var produced = 0
         while produced < output.count {

@@ -25,9 +25,29 @@ final class Qcow2CompressedReader: Sendable {
         recent = Mutex(LRUList(capacity: capacity))
     }
 
-    /// The whole decompressed cluster described by `descriptor`.
-    func cluster(_ descriptor: Qcow2CompressedCluster) async throws -> Qcow2DecompressedCluster {
-        if let hit = recent.withLock({ $0.value(for: descriptor) }) { return hit }
+    /// Copies the cluster's decompressed bytes from `start` into all of `target`.
+    ///
+    /// A read of the whole cluster inflates straight into the caller's buffer and skips the cache: large
+    /// sequential reads neither copy nor evict what small readers share.
+    func read(_ descriptor: Qcow2CompressedCluster, from start: Int, into target: UnsafeMutableRawBufferPointer) async throws {
+        if let hit = recent.withLock({ $0.value(for: descriptor) }) {
+            hit.bytes.withUnsafeBytes { target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[start..<(start + target.count)])) }
+            return
+        }
+        if start == 0 && target.count == clusterSize {
+            return try await inflate(descriptor, into: target)
+        }
+        let output = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterSize, alignment: 16)
+        defer { output.deallocate() }
+        try await inflate(descriptor, into: output)
+        target.copyMemory(from: UnsafeRawBufferPointer(rebasing: output[start..<(start + target.count)]))
+        let bytes = [UInt8](UnsafeRawBufferPointer(output))
+        let cluster = Qcow2DecompressedCluster(bytes: bytes)
+        recent.withLock { $0.insert(cluster, for: descriptor) }
+    }
+
+    /// Reads the compressed bytes and inflates exactly one cluster into `output`.
+    private func inflate(_ descriptor: Qcow2CompressedCluster, into output: UnsafeMutableRawBufferPointer) async throws {
         // The stored size is an upper bound that may run past the end of the file; the stream must end before.
         let available = fileSize - descriptor.hostOffset
         let inputCount = Int(min(Int64(descriptor.maxCompressedBytes), available))
@@ -37,30 +57,13 @@ final class Qcow2CompressedReader: Sendable {
         let input = UnsafeMutableRawBufferPointer.allocate(byteCount: inputCount, alignment: 16)
         defer { input.deallocate() }
         try await file.readExactly(into: input, at: descriptor.hostOffset)
-        let compression = self.compression
-        let clusterSize = self.clusterSize
-        var failure: Error?
-        let bytes = [UInt8](unsafeUninitializedCapacity: clusterSize) { output, initialized in
-            do {
-                let raw = UnsafeMutableRawBufferPointer(output)
-                switch compression {
-                case .zlib: try DeflateDecompressor.decompress(UnsafeRawBufferPointer(input), into: raw)
-                case .zstd: try ZstdDecompressor.decompress(UnsafeRawBufferPointer(input), into: raw)
-                }
-                initialized = clusterSize
-            } catch {
-                failure = error
-                initialized = 0
+        do {
+            switch compression {
+            case .zlib: try DeflateDecompressor.decompress(UnsafeRawBufferPointer(input), into: output)
+            case .zstd: try ZstdDecompressor.decompress(UnsafeRawBufferPointer(input), into: output)
             }
+        } catch BlockError.corrupt(let reason) {
+            throw BlockError.corrupt("\(file.path): compressed cluster at \(descriptor.hostOffset): \(reason)")
         }
-        if let failure {
-            if case BlockError.corrupt(let reason) = failure {
-                throw BlockError.corrupt("\(file.path): compressed cluster at \(descriptor.hostOffset): \(reason)")
-            }
-            throw failure
-        }
-        let cluster = Qcow2DecompressedCluster(bytes: bytes)
-        recent.withLock { $0.insert(cluster, for: descriptor) }
-        return cluster
     }
 }

@@ -137,11 +137,7 @@ public final class Qcow2Driver: BlockDriver {
                     target.initializeMemory(as: UInt8.self, repeating: 0)
                 }
             case .compressed(let descriptor):
-                let cluster = try await compressedReader.cluster(descriptor)
-                let start = Int(position & layout.clusterOffsetMask)
-                cluster.bytes.withUnsafeBytes { source in
-                    target.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[start..<(start + count)]))
-                }
+                try await compressedReader.read(descriptor, from: Int(position & layout.clusterOffsetMask), into: target)
             }
             done += count
         }
