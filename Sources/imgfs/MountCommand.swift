@@ -31,7 +31,7 @@ struct MountCommand: ParsableCommand {
     var allowPath: [String] = []
     @Option(name: .long, help: "Bytes of qcow2 L2 tables cached per image (suffixes K, M, G); default: enough to map 256 GiB with 64 KiB clusters, at most 32M.")
     var l2CacheSize: ByteCount?
-    @Option(name: .long, help: "Threads doing blocking I/O and decompression.") var ioThreads = 8
+    @Option(name: .long, help: "Threads doing blocking I/O and decompression.") var ioThreads = 4
     @Option(name: .long, help: "Threads reading requests from /dev/fuse.") var fuseThreads = 2
     @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .warning

@@ -1,8 +1,6 @@
-import Synchronization
-
 /// Reusable decompression contexts: creating a zstd context costs far more than inflating one cluster.
 final class ContextPool: Sendable {
-    private let contexts = Mutex<[UncheckedSendable<OpaquePointer>]>([])
+    private let contexts = Locked<[UncheckedSendable<OpaquePointer>]>([])
     private let create: @Sendable () -> OpaquePointer?
     private let destroy: @Sendable (OpaquePointer) -> Void
     private let limit: Int

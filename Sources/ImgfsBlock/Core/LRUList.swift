@@ -27,12 +27,16 @@ struct LRUList<Key: Hashable, Value> {
         return slots[slot].value
     }
 
-    mutating func insert(_ value: Value, for key: Key) {
+    /// Inserts or replaces; returns the value it displaced, so the caller can release it outside any lock.
+    @discardableResult
+    mutating func insert(_ value: Value, for key: Key) -> Value? {
         if let slot = index[key] {
+            let old = slots[slot].value
             slots[slot].value = value
             moveToFront(slot)
-            return
+            return old
         }
+        var evicted: Value?
         let slot: Int
         if slots.count < capacity {
             slot = slots.count
@@ -42,11 +46,13 @@ struct LRUList<Key: Hashable, Value> {
             slot = tail
             unlink(slot)
             index.removeValue(forKey: slots[slot].key)
+            evicted = slots[slot].value
             slots[slot].key = key
             slots[slot].value = value
         }
         index[key] = slot
         linkAtFront(slot)
+        return evicted
     }
 
     private mutating func moveToFront(_ slot: Int) {

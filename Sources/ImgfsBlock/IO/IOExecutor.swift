@@ -31,7 +31,7 @@ public final class IOExecutor: TaskExecutor, @unchecked Sendable {
     }
 
     nonisolated(unsafe) private static var sharedInstance: IOExecutor?
-    nonisolated(unsafe) private static var requestedThreads = 8
+    nonisolated(unsafe) private static var requestedThreads = 4
     private static let sharedLock = PthreadLock()
 
     /// Whether the calling thread belongs to an IOExecutor (so blocking here is allowed).
@@ -129,22 +129,4 @@ public final class IOExecutor: TaskExecutor, @unchecked Sendable {
 public struct UncheckedSendable<Value>: @unchecked Sendable {
     public var value: Value
     public init(_ value: Value) { self.value = value }
-}
-
-/// A plain pthread mutex for short critical sections in classes.
-public final class PthreadLock: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    public init() { pthread_mutex_init(mutex, nil) }
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-    public func lock() { pthread_mutex_lock(mutex) }
-    public func unlock() { pthread_mutex_unlock(mutex) }
-    @inline(__always)
-    public func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        lock()
-        defer { unlock() }
-        return try body()
-    }
 }

@@ -1,5 +1,3 @@
-import Synchronization
-
 /// A decompressed cluster, shared read-only between readers.
 final class Qcow2DecompressedCluster: Sendable {
     let bytes: [UInt8]
@@ -13,7 +11,7 @@ final class Qcow2CompressedReader: Sendable {
     let clusterSize: Int
     let fileSize: Int64
     let capacity: Int
-    private let recent: Mutex<LRUList<Qcow2CompressedCluster, Qcow2DecompressedCluster>>
+    private let recent: Locked<LRUList<Qcow2CompressedCluster, Qcow2DecompressedCluster>>
 
     init(file: HostFile, compression: Qcow2CompressionType, clusterSize: Int, fileSize: Int64) {
         self.file = file
@@ -22,7 +20,7 @@ final class Qcow2CompressedReader: Sendable {
         self.fileSize = fileSize
         // A handful of clusters, but never more than ~8 MiB of 2 MiB clusters.
         capacity = max(2, min(16, (8 << 20) / clusterSize))
-        recent = Mutex(LRUList(capacity: capacity))
+        recent = Locked(LRUList(capacity: capacity))
     }
 
     /// Copies the cluster's decompressed bytes from `start` into all of `target`.
@@ -43,7 +41,8 @@ final class Qcow2CompressedReader: Sendable {
         target.copyMemory(from: UnsafeRawBufferPointer(rebasing: output[start..<(start + target.count)]))
         let bytes = [UInt8](UnsafeRawBufferPointer(output))
         let cluster = Qcow2DecompressedCluster(bytes: bytes)
-        recent.withLock { $0.insert(cluster, for: descriptor) }
+        let evicted = recent.withLock { $0.insert(cluster, for: descriptor) }
+        _ = evicted  // released here, outside the lock
     }
 
     /// Reads the compressed bytes and inflates exactly one cluster into `output`.

@@ -1,5 +1,3 @@
-import Synchronization
-
 /// The qcow2 format driver (versions 2 and 3): reads, block status and internal snapshots; writes come later.
 public final class Qcow2Driver: BlockDriver {
     public let format = ImageFormat.qcow2
@@ -14,7 +12,7 @@ public final class Qcow2Driver: BlockDriver {
     let clusterMap: Qcow2ClusterMap
     let compressedReader: Qcow2CompressedReader
     let snapshotEntries: [Qcow2Snapshot]
-    private let backing: Mutex<BlockNode?>
+    private let backing: Locked<BlockNode?>
     private let metadataCacheBytes: Int?
 
     private init(file: HostFile, header: Qcow2Header, layout: Qcow2Layout, compression: Qcow2CompressionType,
@@ -27,7 +25,7 @@ public final class Qcow2Driver: BlockDriver {
         self.length = length
         self.isReadOnly = readOnly
         self.backingReference = backingReference
-        self.backing = Mutex(backing)
+        self.backing = Locked(backing)
         self.snapshotEntries = snapshots
         self.metadataCacheBytes = metadataCacheBytes
         let capacity = Qcow2L2Cache.defaultCapacity(layout: layout, virtualSize: length,

@@ -1,5 +1,3 @@
-import Synchronization
-
 /// One L2 table, its big-endian words already converted to host order.
 final class Qcow2L2Table: Sendable {
     let words: [UInt64]
@@ -25,11 +23,11 @@ final class Qcow2L2Table: Sendable {
 final class Qcow2L2Cache: Sendable {
     /// Tables kept at most.
     let capacity: Int
-    private let state: Mutex<LRUList<Int64, Qcow2L2Table>>
+    private let state: Locked<LRUList<Int64, Qcow2L2Table>>
 
     init(capacity: Int) {
         self.capacity = max(1, capacity)
-        state = Mutex(LRUList(capacity: max(1, capacity)))
+        state = Locked(LRUList(capacity: max(1, capacity)))
     }
 
     /// The default capacity: enough tables for the whole disk, but at most 32 MiB of them (or the bytes the
@@ -47,7 +45,8 @@ final class Qcow2L2Cache: Sendable {
     }
 
     func insert(_ table: Qcow2L2Table, at offset: Int64) {
-        state.withLock { $0.insert(table, for: offset) }
+        let evicted = state.withLock { $0.insert(table, for: offset) }
+        _ = evicted  // released here, outside the lock
     }
 
     var count: Int { state.withLock { $0.count } }
