@@ -109,7 +109,8 @@ public final class FuseServer: @unchecked Sendable {
     }
 
     /// Starts answering a request later: the mount does not shut down while any is pending.
-    func beginAsync(_ request: FuseRequest, _ work: @escaping @Sendable () async throws -> Void) {
+    func beginAsync(_ request: FuseRequest, whenDone: (@Sendable () -> Void)? = nil,
+                    _ work: @escaping @Sendable () async throws -> Void) {
         inFlight.add(1, ordering: .relaxed)
         Task(executorPreference: executor) {
             do { try await work() } catch {
@@ -118,6 +119,7 @@ public final class FuseServer: @unchecked Sendable {
                 request.fail(errno)
             }
             self.inFlight.subtract(1, ordering: .releasing)
+            whenDone?()
         }
     }
 
