@@ -44,6 +44,7 @@ final class SlowReadDriver: BlockDriver {
     func close() async throws {}
 }
 
+extension ImgfsMountTests {
 @Suite(.serialized)
 struct ConcurrencyTests {
     @Test("a slow read does not hold up other reads (in-process FuseServer)")
@@ -127,4 +128,5 @@ struct ConcurrencyTests {
         if runFinished.value { try await runner.value }
         #expect(!isMounted(mnt))
     }
+}
 }

@@ -5,6 +5,7 @@ import Glibc
 #endif
 
 /// Mount-level tests of qcow2 images built with qemu-img and qemu-io, compared with QEMU's own conversion.
+extension ImgfsMountTests {
 @Suite(.serialized)
 struct Qcow2MountTests {
     private func qemuIO(_ image: String, format: String = "qcow2", _ commands: [String]) throws {
@@ -22,6 +23,12 @@ struct Qcow2MountTests {
         arguments += ["-O", "raw", image, out]
         try runTool("qemu-img", arguments)
         return out
+    }
+
+    private func expectSame(_ a: String, _ b: String, _ what: String,
+                            sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let d = try cmp(a, b)
+        #expect(d == nil, "\(what): \(d ?? "")", sourceLocation: sourceLocation)
     }
 
     /// `cmp` of two files; nil when equal, else cmp's message.
@@ -62,7 +69,7 @@ struct Qcow2MountTests {
         try scratch.mount(image, at: mnt)
         let file = mnt + "/disk.raw"
         #expect(fileSize(file) == Int64(64 * MiB))
-        #expect(try cmp(file, ref) == nil, "\(variant): \(try cmp(file, ref) ?? "")")
+        try expectSame(file, ref, "\(variant)")
         // A few unaligned reads straddling cluster boundaries.
         let fd = try openOrThrow(file, O_RDONLY)
         for (offset, count) in [(65_536 - 10, 20), (3_146_240 - 1, 102_402), (20_971_520 + 99, 2), (64 * MiB - 5, 100)] {
@@ -88,7 +95,9 @@ struct Qcow2MountTests {
         let refActive = try reference(scratch, image)
         let refS1 = try reference(scratch, image, snapshot: "s1")
         let refS2 = try reference(scratch, image, snapshot: "s2")
-        #expect(try cmp(refS1, refS2) != nil && cmp(refS2, refActive) != nil, "snapshots should differ")
+        let s1s2 = try cmp(refS1, refS2)
+        let s2Active = try cmp(refS2, refActive)
+        #expect(s1s2 != nil && s2Active != nil, "snapshots should differ")
 
         let mnt = try scratch.dir("mnt")
         try scratch.mount(image, at: mnt)
@@ -96,9 +105,9 @@ struct Qcow2MountTests {
         #expect(listing == ["snapshots", "vm.raw"])
         let snapshots = try FileManager.default.contentsOfDirectory(atPath: mnt + "/snapshots").sorted()
         #expect(snapshots == ["s1.raw", "s2.raw"])
-        #expect(try cmp(mnt + "/vm.raw", refActive) == nil, "active: \(try cmp(mnt + "/vm.raw", refActive) ?? "")")
-        #expect(try cmp(mnt + "/snapshots/s1.raw", refS1) == nil, "s1: \(try cmp(mnt + "/snapshots/s1.raw", refS1) ?? "")")
-        #expect(try cmp(mnt + "/snapshots/s2.raw", refS2) == nil, "s2: \(try cmp(mnt + "/snapshots/s2.raw", refS2) ?? "")")
+        try expectSame(mnt + "/vm.raw", refActive, "active")
+        try expectSame(mnt + "/snapshots/s1.raw", refS1, "s1")
+        try expectSame(mnt + "/snapshots/s2.raw", refS2, "s2")
         // The main file shows the latest data.
         let fd = try openOrThrow(mnt + "/vm.raw", O_RDONLY)
         let head = try preadFully(fd, count: 2, at: 0)
@@ -140,7 +149,7 @@ struct Qcow2MountTests {
         try scratch.mount(top, at: mnt)
         let file = mnt + "/top.raw"
         #expect(fileSize(file) == Int64(40 * MiB))
-        #expect(try cmp(file, ref) == nil, "\(try cmp(file, ref) ?? "")")
+        try expectSame(file, ref, "")
         try scratch.unmount(mnt)
     }
 
@@ -185,7 +194,7 @@ struct Qcow2MountTests {
         // The refused path is readable once its directory is allowed.
         try scratch.mount(inner + "/o.qcow2", at: mnt, ["--allow-path", dir])
         let ref = try reference(scratch, inner + "/o.qcow2")
-        #expect(try cmp(mnt + "/o.raw", ref) == nil)
+        try expectSame(mnt + "/o.raw", ref, "allowed outside")
         let ofd = try openOrThrow(mnt + "/o.raw", O_RDONLY)
         let head = try preadFully(ofd, count: 16, at: 0)
         close(ofd)
@@ -287,7 +296,7 @@ struct Qcow2MountTests {
         let mnt = try scratch.dir("mnt")
         let guest = try scratch.dir("guest")
         try scratch.mount(image, at: mnt)
-        #expect(try cmp(mnt + "/disk.raw", rawFS) == nil)
+        try expectSame(mnt + "/disk.raw", rawFS, "ext4 image")
         try runTool("mount", ["-o", "loop,ro", mnt + "/disk.raw", guest])
         #expect(isMounted(guest))
         for (name, bytes) in files {
@@ -341,4 +350,5 @@ struct Qcow2MountTests {
         }
         #expect(names(a) == names(b) && names(b) == ["first", "second snap"], "snapshots \(names(a)) vs \(names(b))")
     }
+}
 }

@@ -5,6 +5,7 @@ import Glibc
 #endif
 
 /// Mount-level tests of raw images through the real `imgfs` daemon.
+extension ImgfsMountTests {
 @Suite(.serialized)
 struct RawMountTests {
     /// Builds `disk.img` with `bytes`, mounts it (`--format raw` unless `extra` says otherwise) and runs `body`
@@ -276,4 +277,5 @@ struct RawMountTests {
             if fd >= 0 { close(fd) }
         }
     }
+}
 }

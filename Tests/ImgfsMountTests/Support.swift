@@ -5,10 +5,17 @@ import Testing
 import Glibc
 #endif
 
+/// All mount tests, one at a time: they block threads on FUSE I/O and some measure time.
+@Suite(.serialized)
+struct ImgfsMountTests {}
+
 // MARK: - Linux calls Swift's Glibc does not export
 
 @_silgen_name("fallocate")
 private func c_fallocate(_ fd: Int32, _ mode: Int32, _ offset: Int, _ length: Int) -> Int32
+
+@_silgen_name("posix_spawn_file_actions_addchdir_np")
+private func c_addchdir(_ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>, _ path: UnsafePointer<CChar>) -> Int32
 
 /// fallocate(2); returns 0 or -1 with errno set.
 func linuxFallocate(_ fd: Int32, mode: Int32, offset: Int64, length: Int64) -> Int32 {
@@ -68,41 +75,50 @@ struct ToolResult {
 }
 
 /// Runs a program (absolute path or found on PATH) and returns its status and output.
+///
+/// posix_spawn + waitpid rather than Foundation's Process: Process learns of the exit through a dispatch source,
+/// which never runs when every pool thread is blocked waiting for a process (a deadlock on two cores).
 @discardableResult
 func runTool(_ tool: String, _ arguments: [String], cwd: String? = nil, check: Bool = true) throws -> ToolResult {
-    let process = Process()
+    let executable: String
     if tool.hasPrefix("/") {
-        process.executableURL = URL(fileURLWithPath: tool)
+        executable = tool
     } else {
         let dirs = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        guard let found = dirs.map({ "\($0)/\(tool)" }).first(where: { access($0, X_OK) == 0 }) else {
+        let candidates: [String] = dirs.map { $0 + "/" + tool }
+        guard let found = candidates.first(where: { access($0, X_OK) == 0 }) else {
             throw TestFailure("\(tool) is not installed")
         }
-        process.executableURL = URL(fileURLWithPath: found)
+        executable = found
     }
-    process.arguments = arguments
-    if let cwd { process.currentDirectoryURL = URL(fileURLWithPath: cwd) }
     // Files, not pipes: a daemon started by the tool can never hold our pipe open.
-    let outURL = URL(fileURLWithPath: "/tmp/imgfs-mt-out-\(UUID().uuidString)")
-    let errURL = URL(fileURLWithPath: "/tmp/imgfs-mt-err-\(UUID().uuidString)")
-    FileManager.default.createFile(atPath: outURL.path, contents: nil)
-    FileManager.default.createFile(atPath: errURL.path, contents: nil)
+    let outPath = "/tmp/imgfs-mt-out-\(UUID().uuidString)"
+    let errPath = "/tmp/imgfs-mt-err-\(UUID().uuidString)"
     defer {
-        try? FileManager.default.removeItem(at: outURL)
-        try? FileManager.default.removeItem(at: errURL)
+        unlink(outPath)
+        unlink(errPath)
     }
-    let outHandle = try FileHandle(forWritingTo: outURL)
-    let errHandle = try FileHandle(forWritingTo: errURL)
-    process.standardOutput = outHandle
-    process.standardError = errHandle
-    process.standardInput = FileHandle.nullDevice
-    try process.run()
-    process.waitUntilExit()
-    try? outHandle.close()
-    try? errHandle.close()
-    let out = (try? Data(contentsOf: outURL)) ?? Data()
-    let err = (try? Data(contentsOf: errURL)) ?? Data()
-    let result = ToolResult(status: process.terminationStatus, stdout: String(decoding: out, as: UTF8.self),
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    posix_spawn_file_actions_addopen(&actions, 2, errPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    if let cwd { _ = c_addchdir(&actions, cwd) }
+    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+    defer { argv.forEach { free($0) } }
+    var pid = pid_t()
+    let rc = posix_spawn(&pid, executable, &actions, nil, argv, environ)
+    guard rc == 0 else { throw TestFailure("cannot run \(executable): \(errnoText(rc))") }
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 {
+        if errno != EINTR { throw TestFailure("waitpid \(tool): \(errnoText())") }
+    }
+    // WIFEXITED / WEXITSTATUS, which Swift does not import.
+    let exitStatus: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    let out = (try? Data(contentsOf: URL(fileURLWithPath: outPath))) ?? Data()
+    let err = (try? Data(contentsOf: URL(fileURLWithPath: errPath))) ?? Data()
+    let result = ToolResult(status: exitStatus, stdout: String(decoding: out, as: UTF8.self),
                             stderr: String(decoding: err, as: UTF8.self), outputData: out)
     if check && result.status != 0 {
         throw TestFailure("\(tool) \(arguments.joined(separator: " ")) exited \(result.status): \(result.stderr)")

@@ -11,6 +11,7 @@ struct Ack: Sendable {
     let seed: UInt64
 }
 
+extension ImgfsMountTests {
 @Suite(.serialized)
 struct UnmountTests {
     @Test("unmount while idle loses nothing written without fsync")
@@ -136,4 +137,5 @@ struct UnmountTests {
         #expect(again.status != 0)
         #expect(again.stderr.contains("not an imgfs mount"))
     }
+}
 }
