@@ -64,7 +64,7 @@ struct Qcow2MountTests {
         let ref = try reference(scratch, image)
         // Sanity: the reference holds what qemu-io wrote.
         let refBytes = try readFile(ref)
-        #expect(refBytes.count == 64 * MiB && refBytes[0] == 0 && refBytes[12_000] == 0x11 && refBytes[62_914_560] == 0x33)
+        #expect(refBytes.count == 64 * MiB && refBytes[0] == 0x11 && refBytes[6000] == 0 && refBytes[12_000] == 0x11 && refBytes[62_914_560] == 0x33)
         let mnt = try scratch.dir("mnt")
         try scratch.mount(image, at: mnt)
         let file = mnt + "/disk.raw"

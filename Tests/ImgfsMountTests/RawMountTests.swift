@@ -94,6 +94,15 @@ struct RawMountTests {
             // The very last bytes of the disk.
             try pwriteFully(fd, [1, 2, 3], at: Int64(size - 3))
             model.replaceSubrange((size - 3)..<size, with: [1, 2, 3])
+            // A disk does not grow by writing: a write across the end is short, one past it fails with ENOSPC.
+            let across = [UInt8](repeating: 0x5c, count: 10_000)
+            let crossed = across.withUnsafeBytes { pwrite(fd, $0.baseAddress, 10_000, off_t(size - 100)) }
+            #expect(crossed == 100, "write across the end wrote \(crossed)")
+            if crossed == 100 { model.replaceSubrange((size - 100)..<size, with: across[..<100]) }
+            errno = 0
+            let past = across.withUnsafeBytes { pwrite(fd, $0.baseAddress, 10, off_t(size + 5)) }
+            #expect(past == -1 && errno == ENOSPC, "write past the end: \(past) \(errnoText())")
+            #expect(fileSize(file) == Int64(size))
             let all = try preadFully(fd, count: size + 10, at: 0)
             #expect(difference(all, model) == nil, "mount after writes: \(difference(all, model) ?? "")")
             close(fd)
