@@ -1,6 +1,7 @@
 #include "imgfs_fuse.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -183,6 +184,15 @@ int imgfs_session_loop(imgfs_session *s, unsigned max_threads, int handle_signal
         signal(SIGTERM, SIG_DFL);
         signal(SIGHUP, SIG_DFL);
         if (fuse_set_signal_handlers(s->se) != 0) return -1;
+        // The signal mask is inherited across exec: a daemon started by a program that blocks SIGTERM (libdispatch
+        // and many test runners do) would never see it and never stop. Unblock on this thread, which runs the loop
+        // and whose sem_wait the signal must interrupt; threads started earlier keep them blocked.
+        sigset_t stop_signals;
+        sigemptyset(&stop_signals);
+        sigaddset(&stop_signals, SIGINT);
+        sigaddset(&stop_signals, SIGTERM);
+        sigaddset(&stop_signals, SIGHUP);
+        pthread_sigmask(SIG_UNBLOCK, &stop_signals, NULL);
     }
     struct fuse_loop_config *config = fuse_loop_cfg_create();
     fuse_loop_cfg_set_max_threads(config, max_threads);

@@ -34,14 +34,28 @@ struct UnmountCommand: ParsableCommand {
         guard let pid, !lazy else { return }
         // The daemon flushes after the kernel lets go of the mount; wait for it so the image is complete.
         var waited = 0
-        while kill(pid, 0) == 0 && waited < timeout * 100 {
+        while isRunning(pid) && waited < timeout * 100 {
             usleep(10_000)
             waited += 1
         }
-        if kill(pid, 0) == 0 {
+        if isRunning(pid) {
             Diagnostics.error("\(path): unmounted, but daemon \(pid) has not exited after \(timeout) s")
             throw ExitStatus.mountError
         }
+    }
+
+    /// Whether the daemon still runs. An exited daemon stays a zombie until its parent (init, as it was detached)
+    /// reaps it, which some container inits do late or never; kill(pid, 0) succeeds on a zombie, /proc tells.
+    private func isRunning(_ pid: pid_t) -> Bool {
+        guard kill(pid, 0) == 0 else { return false }
+        let fd = open("/proc/\(pid)/stat", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return true }
+        defer { close(fd) }
+        var buffer = [UInt8](repeating: 0, count: 512)
+        let n = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard n > 0, let paren = buffer[..<n].lastIndex(of: UInt8(ascii: ")")), paren + 2 < n else { return true }
+        let state = buffer[paren + 2]
+        return state != UInt8(ascii: "Z") && state != UInt8(ascii: "X")
     }
 
     private func unmount(_ path: String) -> String? {

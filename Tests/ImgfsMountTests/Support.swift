@@ -1,0 +1,433 @@
+import Foundation
+import Synchronization
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// All mount tests, one at a time: they block threads on FUSE I/O and some measure time.
+@Suite(.serialized)
+struct ImgfsMountTests {}
+
+// MARK: - Linux calls Swift's Glibc does not export
+
+@_silgen_name("fallocate")
+private func c_fallocate(_ fd: Int32, _ mode: Int32, _ offset: Int, _ length: Int) -> Int32
+
+@_silgen_name("posix_spawn_file_actions_addchdir_np")
+private func c_addchdir(_ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>, _ path: UnsafePointer<CChar>) -> Int32
+
+/// fallocate(2); returns 0 or -1 with errno set.
+func linuxFallocate(_ fd: Int32, mode: Int32, offset: Int64, length: Int64) -> Int32 {
+    c_fallocate(fd, mode, Int(offset), Int(length))
+}
+
+enum Falloc {
+    static let keepSize: Int32 = 0x01
+    static let punchHole: Int32 = 0x02
+    static let zeroRange: Int32 = 0x10
+}
+
+let seekData: Int32 = 3
+let seekHole: Int32 = 4
+
+let KiB = 1024
+let MiB = 1024 * 1024
+
+// MARK: - Failures
+
+struct TestFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ message: String) { description = message }
+}
+
+func errnoText(_ e: Int32 = errno) -> String { "\(e) (\(String(cString: strerror(e))))" }
+
+// MARK: - The binary under test
+
+enum ImgfsBinary {
+    /// `IMGFS_BIN`, else `<package root>/.build/debug/imgfs`.
+    static func path(filePath: String = #filePath) throws -> String {
+        if let env = ProcessInfo.processInfo.environment["IMGFS_BIN"], !env.isEmpty {
+            guard access(env, X_OK) == 0 else {
+                throw TestFailure("IMGFS_BIN=\(env) is not an executable file")
+            }
+            return env
+        }
+        // Tests/ImgfsMountTests/Support.swift → package root
+        let root = URL(fileURLWithPath: filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent()
+        let candidate = root.appendingPathComponent(".build/debug/imgfs").path
+        guard access(candidate, X_OK) == 0 else {
+            throw TestFailure("imgfs binary not found at \(candidate): run `swift build` first (or set IMGFS_BIN)")
+        }
+        return candidate
+    }
+}
+
+// MARK: - Running tools
+
+struct ToolResult {
+    let status: Int32
+    let stdout: String
+    let stderr: String
+    var outputData: Data
+}
+
+/// Runs a program (absolute path or found on PATH) and returns its status and output.
+///
+/// posix_spawn + waitpid rather than Foundation's Process: Process learns of the exit through a dispatch source,
+/// which never runs when every pool thread is blocked waiting for a process (a deadlock on two cores).
+@discardableResult
+func runTool(_ tool: String, _ arguments: [String], cwd: String? = nil, check: Bool = true) throws -> ToolResult {
+    let executable: String
+    if tool.hasPrefix("/") {
+        executable = tool
+    } else {
+        let dirs = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        let candidates: [String] = dirs.map { $0 + "/" + tool }
+        guard let found = candidates.first(where: { access($0, X_OK) == 0 }) else {
+            throw TestFailure("\(tool) is not installed")
+        }
+        executable = found
+    }
+    // Files, not pipes: a daemon started by the tool can never hold our pipe open.
+    let outPath = "/tmp/imgfs-mt-out-\(UUID().uuidString)"
+    let errPath = "/tmp/imgfs-mt-err-\(UUID().uuidString)"
+    defer {
+        unlink(outPath)
+        unlink(errPath)
+    }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    posix_spawn_file_actions_addopen(&actions, 2, errPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    if let cwd { _ = c_addchdir(&actions, cwd) }
+    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+    defer { argv.forEach { free($0) } }
+    var pid = pid_t()
+    let rc = posix_spawn(&pid, executable, &actions, nil, argv, environ)
+    guard rc == 0 else { throw TestFailure("cannot run \(executable): \(errnoText(rc))") }
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 {
+        if errno != EINTR { throw TestFailure("waitpid \(tool): \(errnoText())") }
+    }
+    // WIFEXITED / WEXITSTATUS, which Swift does not import.
+    let exitStatus: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+    let out = (try? Data(contentsOf: URL(fileURLWithPath: outPath))) ?? Data()
+    let err = (try? Data(contentsOf: URL(fileURLWithPath: errPath))) ?? Data()
+    let result = ToolResult(status: exitStatus, stdout: String(decoding: out, as: UTF8.self),
+                            stderr: String(decoding: err, as: UTF8.self), outputData: out)
+    if check && result.status != 0 {
+        throw TestFailure("\(tool) \(arguments.joined(separator: " ")) exited \(result.status): \(result.stderr)")
+    }
+    return result
+}
+
+// MARK: - Mount table
+
+func mountPoints() -> [String] {
+    guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+    return text.split(separator: "\n").compactMap { line in
+        let fields = line.split(separator: " ")
+        guard fields.count > 4 else { return nil }
+        return unescapeMountinfo(String(fields[4]))
+    }
+}
+
+func fsType(of mountpoint: String) -> String? {
+    guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
+    var found: String?
+    for line in text.split(separator: "\n") {
+        let fields = line.split(separator: " ")
+        guard fields.count > 4, unescapeMountinfo(String(fields[4])) == mountpoint,
+              let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count else { continue }
+        found = String(fields[dash + 1])
+    }
+    return found
+}
+
+func isMounted(_ path: String) -> Bool { mountPoints().contains(path) }
+
+private func unescapeMountinfo(_ s: String) -> String {
+    var out: [UInt8] = []
+    let bytes = Array(s.utf8)
+    var i = 0
+    while i < bytes.count {
+        if bytes[i] == 92, i + 3 < bytes.count,
+           let v = UInt8(String(decoding: bytes[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
+            out.append(v)
+            i += 4
+        } else {
+            out.append(bytes[i])
+            i += 1
+        }
+    }
+    return String(decoding: out, as: UTF8.self)
+}
+
+func processAlive(_ pid: pid_t) -> Bool {
+    if kill(pid, 0) != 0 { return false }
+    // A zombie (exited, not reaped) counts as gone.
+    if let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+       let close = stat.lastIndex(of: ")") {
+        let rest = stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces)
+        if rest.hasPrefix("Z") || rest.hasPrefix("X") { return false }
+    }
+    return true
+}
+
+/// Waits up to `seconds` for `condition`; returns whether it became true.
+func waitUntil(seconds: Double, _ condition: () -> Bool) -> Bool {
+    let deadline = Date().addingTimeInterval(seconds)
+    while Date() < deadline {
+        if condition() { return true }
+        usleep(10_000)
+    }
+    return condition()
+}
+
+// MARK: - Scratch directory with mounts
+
+/// A temporary directory for one test; `cleanup()` unmounts everything under it (guest mounts first), stops
+/// leftover daemons and removes it. Call it from `defer`.
+final class Scratch {
+    let directory: String
+    let binary: String
+
+    init(_ label: String = "t") throws {
+        binary = try ImgfsBinary.path()
+        let template = "/tmp/imgfs-mt-\(label)-XXXXXX"
+        var chars = Array(template.utf8CString)
+        guard let made = mkdtemp(&chars) else { throw TestFailure("mkdtemp failed: \(errnoText())") }
+        directory = String(cString: made)
+    }
+
+    func path(_ name: String) -> String { directory + "/" + name }
+
+    /// Creates (if needed) and returns a directory under the scratch directory.
+    func dir(_ name: String) throws -> String {
+        let p = path(name)
+        try FileManager.default.createDirectory(atPath: p, withIntermediateDirectories: true)
+        return p
+    }
+
+    /// Runs `imgfs ARGS`.
+    @discardableResult
+    func imgfs(_ arguments: [String], check: Bool = true) throws -> ToolResult {
+        try runTool(binary, arguments, check: check)
+    }
+
+    /// `imgfs mount [extra] IMAGE MOUNTPOINT` (daemonized, logging to a file in the scratch directory).
+    func mount(_ image: String, at mountpoint: String, _ extra: [String] = []) throws {
+        let args = ["mount"] + extra + ["--log-file", path("daemon.log"), "--log-level", "info", image, mountpoint]
+        let result = try imgfs(args, check: false)
+        if result.status != 0 {
+            let log = (try? String(contentsOfFile: path("daemon.log"), encoding: .utf8)) ?? ""
+            throw TestFailure("imgfs mount failed (\(result.status)): \(result.stderr)\n\(log)")
+        }
+        guard fsType(of: mountpoint) == "fuse.imgfs" else {
+            throw TestFailure("imgfs mount returned 0 but \(mountpoint) is not a fuse.imgfs mount")
+        }
+    }
+
+    /// `imgfs unmount MOUNTPOINT`, which waits for the daemon to exit.
+    func unmount(_ mountpoint: String) throws {
+        try imgfs(["unmount", mountpoint])
+    }
+
+    func cleanup() {
+        let mine = mountPoints().filter { $0.hasPrefix(directory + "/") }
+        for mp in mine.reversed() {
+            let pid = daemonPid(mountpoint: mp)
+            if umount2(mp, 0) != 0 { _ = umount2(mp, Int32(MNT_DETACH)) }
+            if let pid {
+                if !waitUntil(seconds: 10, { !processAlive(pid) }) { kill(pid, SIGKILL) }
+            }
+        }
+        if mountPoints().contains(where: { $0.hasPrefix(directory + "/") }) { return }  // never remove through a mount
+        try? FileManager.default.removeItem(atPath: directory)
+    }
+}
+
+/// The daemon's pid as `imgfs` records it by mountpoint.
+func daemonPid(mountpoint: String) -> pid_t? {
+    let base: String
+    if let runtime = ProcessInfo.processInfo.environment["XDG_RUNTIME_DIR"] {
+        base = runtime + "/imgfs"
+    } else {
+        base = getuid() == 0 ? "/run/imgfs" : "/tmp/imgfs-\(getuid())"
+    }
+    var escaped = ""
+    for ch in mountpoint {
+        switch ch {
+        case "%": escaped += "%25"
+        case "/": escaped += "%2F"
+        default: escaped.append(ch)
+        }
+    }
+    guard let text = try? String(contentsOfFile: base + "/" + escaped + ".pid", encoding: .utf8) else { return nil }
+    return pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines))
+}
+
+// MARK: - Seeded random bytes
+
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+func randomBytes(_ count: Int, seed: UInt64) -> [UInt8] {
+    var rng = SplitMix64(seed: seed)
+    var bytes = [UInt8](repeating: 0, count: count)
+    bytes.withUnsafeMutableBytes { raw in
+        let words = count / 8
+        let p = raw.baseAddress!
+        for i in 0..<words { p.storeBytes(of: rng.next(), toByteOffset: i * 8, as: UInt64.self) }
+        var tail = rng.next()
+        for i in (words * 8)..<count {
+            raw[i] = UInt8(truncatingIfNeeded: tail)
+            tail >>= 8
+        }
+    }
+    return bytes
+}
+
+// MARK: - File I/O
+
+func writeFile(_ path: String, _ bytes: [UInt8]) throws {
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    guard fd >= 0 else { throw TestFailure("open \(path): \(errnoText())") }
+    defer { close(fd) }
+    try pwriteFully(fd, bytes, at: 0)
+}
+
+func readFile(_ path: String) throws -> [UInt8] {
+    let fd = open(path, O_RDONLY)
+    guard fd >= 0 else { throw TestFailure("open \(path): \(errnoText())") }
+    defer { close(fd) }
+    var st = stat()
+    fstat(fd, &st)
+    return try preadFully(fd, count: Int(st.st_size), at: 0)
+}
+
+func fileSize(_ path: String) -> Int64? {
+    var st = stat()
+    guard stat(path, &st) == 0 else { return nil }
+    return Int64(st.st_size)
+}
+
+func openOrThrow(_ path: String, _ flags: Int32) throws -> Int32 {
+    let fd = open(path, flags)
+    guard fd >= 0 else { throw TestFailure("open \(path): \(errnoText())") }
+    return fd
+}
+
+/// Reads until `count` bytes or end of file; returns what was read.
+func preadFully(_ fd: Int32, count: Int, at offset: Int64) throws -> [UInt8] {
+    var buffer = [UInt8](repeating: 0, count: count)
+    var done = 0
+    try buffer.withUnsafeMutableBytes { raw in
+        while done < count {
+            let n = pread(fd, raw.baseAddress! + done, count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw TestFailure("pread \(count)@\(offset): \(errnoText())")
+            }
+            if n == 0 { break }
+            done += n
+        }
+    }
+    buffer.removeSubrange(done...)
+    return buffer
+}
+
+func pwriteFully(_ fd: Int32, _ bytes: [UInt8], at offset: Int64) throws {
+    var done = 0
+    try bytes.withUnsafeBytes { raw in
+        while done < bytes.count {
+            let n = pwrite(fd, raw.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw TestFailure("pwrite \(bytes.count)@\(offset): \(errnoText())")
+            }
+            if n == 0 { throw TestFailure("pwrite \(bytes.count)@\(offset) wrote nothing") }
+            done += n
+        }
+    }
+}
+
+/// memcmp-fast equality; on a mismatch, a description of the first difference.
+func difference(_ a: [UInt8], _ b: [UInt8]) -> String? {
+    if a.count == b.count {
+        let same = a.withUnsafeBytes { x in b.withUnsafeBytes { y in
+            a.isEmpty || memcmp(x.baseAddress!, y.baseAddress!, a.count) == 0 } }
+        if same { return nil }
+    }
+    let n = min(a.count, b.count)
+    var lo = 0
+    var step = 1 << 20
+    // find the first differing chunk with memcmp, then the byte
+    a.withUnsafeBytes { x in b.withUnsafeBytes { y in
+        while lo < n {
+            let len = min(step, n - lo)
+            if memcmp(x.baseAddress! + lo, y.baseAddress! + lo, len) != 0 {
+                if len == 1 { return }
+                step = max(1, len / 16)
+                continue
+            }
+            lo += len
+        }
+    } }
+    if lo >= n { return "sizes differ: \(a.count) vs \(b.count) bytes (common prefix equal)" }
+    return "first difference at byte \(lo): \(a[lo]) vs \(b[lo]) (sizes \(a.count), \(b.count))"
+}
+
+func isAllZero(_ bytes: [UInt8]) -> Bool {
+    bytes.withUnsafeBytes { raw in
+        var i = 0
+        let p = raw.baseAddress
+        guard let p else { return true }
+        let zeros = [UInt8](repeating: 0, count: 65536)
+        return zeros.withUnsafeBytes { z in
+            while i < raw.count {
+                let len = min(65536, raw.count - i)
+                if memcmp(p + i, z.baseAddress!, len) != 0 { return false }
+                i += len
+            }
+            return true
+        }
+    }
+}
+
+// MARK: - Threads
+
+/// Runs blocking work on a fresh thread and awaits its result (keeps blocking calls off the cooperative pool).
+func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { continuation in
+        let thread = Thread {
+            do { continuation.resume(returning: try body()) } catch { continuation.resume(throwing: error) }
+        }
+        thread.start()
+    }
+}
+
+/// A value shared between threads.
+final class Shared<T: Sendable>: Sendable {
+    private let mutex: Mutex<T>
+    init(_ value: T) { mutex = Mutex(value) }
+    var value: T {
+        get { mutex.withLock { $0 } }
+    }
+    func set(_ value: T) { mutex.withLock { $0 = value } }
+    func update<R>(_ body: (inout T) -> R) -> R { mutex.withLock { body(&$0) } }
+}
