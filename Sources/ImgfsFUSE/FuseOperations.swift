@@ -135,6 +135,8 @@ extension FuseServer {
             // Preallocation: a virtual disk has all its bytes already; growing it is truncate's job.
             return offset + length <= size || keepSize ? request.succeed() : request.fail(EOPNOTSUPP)
         case FallocateMode.punchHole where keepSize, FallocateMode.zeroRange:
+            // A disk grows only by truncate: a zero range that would extend it is refused as preallocation is.
+            if !keepSize && offset + length > size { return request.fail(EOPNOTSUPP) }
             guard offset < size else { return request.succeed() }
             // Punching must leave zeros behind (QEMU 7.2's export loses unaligned punches): write-zeroes does.
             let unmap = mode & FallocateMode.punchHole != 0

@@ -198,6 +198,12 @@ struct RawMountTests {
                 fstat(fd, &st)
                 #expect(Int(st.st_size) == size, "\(r.what): size changed to \(st.st_size)")
             }
+            // A disk grows only by truncate: a zero range that would extend it is refused and changes nothing.
+            #expect(linuxFallocate(fd, mode: Falloc.zeroRange, offset: Int64(size - 10), length: 100) == -1)
+            #expect(errno == EOPNOTSUPP)
+            var after = stat()
+            fstat(fd, &after)
+            #expect(Int(after.st_size) == size)
             let all = try preadFully(fd, count: size, at: 0)
             #expect(difference(all, model) == nil, "mount: \(difference(all, model) ?? "")")
             let hostNow = try readFile(image)
