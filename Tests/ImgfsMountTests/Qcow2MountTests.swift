@@ -350,5 +350,45 @@ struct Qcow2MountTests {
         }
         #expect(names(a) == names(b) && names(b) == ["first", "second snap"], "snapshots \(names(a)) vs \(names(b))")
     }
+
+    @Test("tables and clusters past the end of the file read as EIO (QEMU 7.2 shows zeros); the rest still reads")
+    func metadataPastEndOfFileIsEIO() throws {
+        let scratch = try Scratch("eof")
+        defer { scratch.cleanup() }
+        let image = scratch.path("bad.qcow2")
+        try runTool("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", image, "1G"])
+        try qemuIO(image, ["write -P 0x11 0 1M", "write -P 0x22 4M 64k", "write -P 0x33 600M 64k"])
+        let bytes = try readFile(image)
+        func be64(_ at: Int) -> UInt64 { bytes[at..<(at + 8)].reduce(0) { $0 << 8 | UInt64($1) } }
+        func put64(_ value: UInt64, at: Int) throws {
+            let fd = try openOrThrow(image, O_WRONLY)
+            defer { close(fd) }
+            try pwriteFully(fd, (0..<8).map { UInt8(truncatingIfNeeded: value >> (56 - 8 * UInt64($0))) }, at: Int64(at))
+        }
+        let l1 = Int(be64(40))
+        let l2 = Int(be64(l1) & 0x00ff_ffff_ffff_fe00)
+        let far = UInt64(bytes.count + 64 * 65536) & ~0xffff  // cluster-aligned, well past the end of the file
+        // The data cluster of guest 4 MiB (L2 index 64) and the L2 table of guest 512 MiB..1 GiB (L1 index 1).
+        try put64(far | (1 << 63), at: l2 + 64 * 8)
+        try put64(far | (1 << 63), at: l1 + 8)
+
+        let mnt = try scratch.dir("mnt")
+        try scratch.mount(image, at: mnt)
+        let file = mnt + "/bad.raw"
+        let fd = try openOrThrow(file, O_RDONLY | 0o40000)  // O_DIRECT (not exported by Glibc): every read reaches the daemon
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 65536, alignment: 4096)
+        defer { buffer.deallocate() }
+        func readErrno(_ offset: Int) -> Int32 {
+            pread(fd, buffer, 65536, off_t(offset)) == 65536 ? 0 : errno
+        }
+        #expect(readErrno(4 * MiB) == EIO, "data cluster past EOF")
+        #expect(readErrno(600 * MiB) == EIO, "L2 table past EOF")
+        #expect(readErrno(0) == 0 && buffer.load(as: UInt8.self) == 0x11, "good data still reads")
+        #expect(readErrno(8 * MiB) == 0, "an unallocated cluster beside the bad one still reads")
+        #expect(readErrno(4 * MiB) == EIO, "still EIO, and the daemon still serves")
+        #expect(isMounted(mnt))
+        close(fd)
+        try scratch.unmount(mnt)
+    }
 }
 }
