@@ -91,11 +91,3 @@ enum Daemon {
         return CommandLine.arguments[0]
     }
 }
-
-extension String {
-    func trimmingTrailingNewlines() -> String {
-        var s = self
-        while s.hasSuffix("\n") { s.removeLast() }
-        return s
-    }
-}

@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import Testing
+import ImgfsFUSE
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -128,45 +129,11 @@ func runTool(_ tool: String, _ arguments: [String], cwd: String? = nil, check: B
 
 // MARK: - Mount table
 
-func mountPoints() -> [String] {
-    guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
-    return text.split(separator: "\n").compactMap { line in
-        let fields = line.split(separator: " ")
-        guard fields.count > 4 else { return nil }
-        return unescapeMountinfo(String(fields[4]))
-    }
-}
+func mountPoints() -> [String] { MountTable.entries().map(\.mountpoint) }
 
-func fsType(of mountpoint: String) -> String? {
-    guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
-    var found: String?
-    for line in text.split(separator: "\n") {
-        let fields = line.split(separator: " ")
-        guard fields.count > 4, unescapeMountinfo(String(fields[4])) == mountpoint,
-              let dash = fields.firstIndex(of: "-"), dash + 1 < fields.count else { continue }
-        found = String(fields[dash + 1])
-    }
-    return found
-}
+func fsType(of mountpoint: String) -> String? { MountTable.entry(at: mountpoint)?.fsType }
 
 func isMounted(_ path: String) -> Bool { mountPoints().contains(path) }
-
-private func unescapeMountinfo(_ s: String) -> String {
-    var out: [UInt8] = []
-    let bytes = Array(s.utf8)
-    var i = 0
-    while i < bytes.count {
-        if bytes[i] == 92, i + 3 < bytes.count,
-           let v = UInt8(String(decoding: bytes[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
-            out.append(v)
-            i += 4
-        } else {
-            out.append(bytes[i])
-            i += 1
-        }
-    }
-    return String(decoding: out, as: UTF8.self)
-}
 
 func processAlive(_ pid: pid_t) -> Bool {
     if kill(pid, 0) != 0 { return false }
@@ -253,24 +220,7 @@ final class Scratch {
 }
 
 /// The daemon's pid as `imgfs` records it by mountpoint.
-func daemonPid(mountpoint: String) -> pid_t? {
-    let base: String
-    if let runtime = ProcessInfo.processInfo.environment["XDG_RUNTIME_DIR"] {
-        base = runtime + "/imgfs"
-    } else {
-        base = getuid() == 0 ? "/run/imgfs" : "/tmp/imgfs-\(getuid())"
-    }
-    var escaped = ""
-    for ch in mountpoint {
-        switch ch {
-        case "%": escaped += "%25"
-        case "/": escaped += "%2F"
-        default: escaped.append(ch)
-        }
-    }
-    guard let text = try? String(contentsOfFile: base + "/" + escaped + ".pid", encoding: .utf8) else { return nil }
-    return pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines))
-}
+func daemonPid(mountpoint: String) -> pid_t? { RuntimeRecord.read(mountpoint: mountpoint) }
 
 // MARK: - Seeded random bytes
 
