@@ -109,17 +109,25 @@ public final class FuseServer: @unchecked Sendable {
     }
 
     /// Starts answering a request later: the mount does not shut down while any is pending.
-    func beginAsync(_ request: FuseRequest, whenDone: (@Sendable () -> Void)? = nil,
-                    _ work: @escaping @Sendable () async throws -> Void) {
+    func beginAsync(_ request: FuseRequest, _ work: @escaping @Sendable () async throws -> Void) {
         inFlight.add(1, ordering: .relaxed)
         Task(executorPreference: executor) {
-            do { try await work() } catch {
-                let errno = (error as? BlockError)?.errno ?? EIO
-                if errno == EIO { self.logger.error("\(error)") }
-                request.fail(errno)
-            }
+            await self.answer(request, work)
             self.inFlight.subtract(1, ordering: .releasing)
-            whenDone?()
+        }
+    }
+
+    /// Does the work on the calling loop thread and returns once it has answered.
+    func runOnLoopThread(_ request: FuseRequest, _ work: @escaping @Sendable () async throws -> Void) {
+        CallerThreadExecutor.run { await self.answer(request, work) }
+    }
+
+    /// Runs `work`, which replies on success; a failure is replied with its errno.
+    private func answer(_ request: FuseRequest, _ work: @Sendable () async throws -> Void) async {
+        do { try await work() } catch {
+            let errno = (error as? BlockError)?.errno ?? EIO
+            if errno == EIO { logger.error("\(error)") }
+            request.fail(errno)
         }
     }
 

@@ -39,6 +39,11 @@ public final class IOExecutor: TaskExecutor, @unchecked Sendable {
         pthread_getspecific(threadKey) != nil
     }
 
+    /// Lets the calling thread (one of ours that may block, such as a FUSE loop thread) do host I/O inline.
+    static func allowBlockingOnCurrentThread() {
+        pthread_setspecific(threadKey, UnsafeRawPointer(bitPattern: 1))
+    }
+
     private static let threadKey: pthread_key_t = {
         var key = pthread_key_t()
         pthread_key_create(&key, nil)
