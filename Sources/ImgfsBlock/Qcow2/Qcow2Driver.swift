@@ -117,6 +117,7 @@ public final class Qcow2Driver: BlockDriver {
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         let backing = backingNode
+        var compressed: [CompressedPiece] = []
         var done = 0
         while done < buffer.count {
             let position = offset + Int64(done)
@@ -135,11 +136,44 @@ public final class Qcow2Driver: BlockDriver {
                     target.initializeMemory(as: UInt8.self, repeating: 0)
                 }
             case .compressed(let descriptor):
-                try await compressedReader.read(descriptor, from: Int(position & layout.clusterOffsetMask), into: target)
+                compressed.append(CompressedPiece(descriptor: descriptor, start: Int(position & layout.clusterOffsetMask),
+                                                  target: UncheckedSendable(target)))
             }
             done += count
         }
+        try await inflate(compressed)
     }
+
+    /// A compressed cluster's share of a read: which bytes of it go where in the caller's buffer.
+    private struct CompressedPiece: Sendable {
+        let descriptor: Qcow2CompressedCluster
+        let start: Int
+        let target: UncheckedSendable<UnsafeMutableRawBufferPointer>
+    }
+
+    /// Inflates the clusters of one request; several at once when there are enough, since one request
+    /// (a kernel readahead of 1 MiB, say) would otherwise keep a single core busy while the other idles.
+    private func inflate(_ pieces: [CompressedPiece]) async throws {
+        let reader = compressedReader
+        let lanes = min(pieces.count, Self.inflateLanes)
+        if lanes <= 1 {
+            for piece in pieces { try await reader.read(piece.descriptor, from: piece.start, into: piece.target.value) }
+            return
+        }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for lane in 0..<lanes {
+                group.addTask {
+                    for piece in stride(from: lane, to: pieces.count, by: lanes).map({ pieces[$0] }) {
+                        try await reader.read(piece.descriptor, from: piece.start, into: piece.target.value)
+                    }
+                }
+            }
+            try await group.waitForAll()
+        }
+    }
+
+    /// How many tasks share one request's decompression.
+    private static let inflateLanes = 2
 
     public func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {
         let first = try await clusterMap.run(at: offset, maxLength: length)
