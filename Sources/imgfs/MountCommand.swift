@@ -12,9 +12,10 @@ struct MountCommand: ParsableCommand {
         commandName: "mount",
         abstract: "Mount an image: MOUNTPOINT/<stem>.raw shows its disk.",
         discussion: """
-            Returns once the file is there (the daemon keeps serving in the background), or exits non-zero
-            with a one-line error. A qcow2's internal snapshots appear read-only as MOUNTPOINT/snapshots/<name>.raw.
-            Backing files named inside an image must lie in that image's directory unless --allow-path covers them.
+            Returns once the file is there (the daemon keeps serving in the background), or exits non-zero with a \
+            one-line error: 65 for a problem with the image, 71 for a problem with the mount. A qcow2's internal \
+            snapshots appear read-only as MOUNTPOINT/snapshots/<name>.raw. Backing files named inside an image must \
+            lie in that image's directory unless --allow-path covers them.
 
             Example: imgfs mount disk.qcow2 /mnt/x && mount -o loop /mnt/x/disk.raw /mnt/guest
             """)
@@ -29,7 +30,7 @@ struct MountCommand: ParsableCommand {
     var options: [String] = []
     @Option(name: .long, parsing: .singleValue, help: "A directory where files named inside images may also live (repeatable).")
     var allowPath: [String] = []
-    @Option(name: .long, help: "Bytes of qcow2 L2 tables cached per image (suffixes K, M, G); default: enough to map 256 GiB with 64 KiB clusters, at most 32M.")
+    @Option(name: .long, help: "Bytes of qcow2 L2 tables cached per image (suffixes K, M, G); default: all of the disk's tables, up to 32M (which maps 256 GiB at 64 KiB clusters).")
     var l2CacheSize: ByteCount?
     @Option(name: .long, help: "Threads doing blocking I/O and decompression.") var ioThreads = 4
     @Option(name: .long, help: "Threads reading requests from /dev/fuse.") var fuseThreads = 2
