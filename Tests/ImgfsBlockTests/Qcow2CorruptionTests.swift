@@ -193,6 +193,39 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
         }
         #expect(opened > 0)
     }
+
+    @Test func snapshotsSharingOneHugeL1TableAreBounded() async throws {
+        // Snapshots may all name one L1 table in the file, so the file size alone does not bound what loading
+        // their tables costs: 17 snapshots of 32 MiB tables each must be refused, not allocated.
+        let scratch = try QemuScratch()
+        try scratch.qemuImg("create", "-q", "-f", "qcow2", "-o", "preallocation=full", scratch.path("s.qcow2"), "40M")
+        for n in 0..<17 { try scratch.qemuImg("snapshot", "-c", "s\(n)", scratch.path("s.qcow2")) }
+        let count = Int(value(try scratch.read("s.qcow2", at: 60, count: 4)))
+        var entry = value(try scratch.read("s.qcow2", at: 64, count: 8))
+        #expect(count == 17)
+        for _ in 0..<count {
+            try scratch.patch("s.qcow2", at: entry, bigEndian(UInt64(65536)))          // l1_table_offset
+            try scratch.patch("s.qcow2", at: entry + 8, bigEndian(UInt32(4 << 20)))    // l1_size: 32 MiB
+            let idLength = value(try scratch.read("s.qcow2", at: entry + 12, count: 2))
+            let nameLength = value(try scratch.read("s.qcow2", at: entry + 14, count: 2))
+            let extra = value(try scratch.read("s.qcow2", at: entry + 36, count: 4))
+            entry += (40 + extra + idLength + nameLength + 7) / 8 * 8
+        }
+        let node = try await openImage(scratch.path("s.qcow2"))
+        var opened = 0
+        var refusal: BlockError?
+        for snapshot in node.driver.snapshots {
+            do {
+                _ = try await node.driver.openSnapshot(snapshot)
+                opened += 1
+            } catch {
+                refusal = error as? BlockError
+                break
+            }
+        }
+        #expect(opened == 16)
+        #expect(isInvalidImage(refusal, mentioning: "L1 tables together exceed"))
+    }
 }
 
 /// A small deterministic generator so fuzz rounds are reproducible.

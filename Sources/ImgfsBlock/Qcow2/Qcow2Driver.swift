@@ -13,6 +13,8 @@ public final class Qcow2Driver: BlockDriver {
     let compressedReader: Qcow2CompressedReader
     let snapshotEntries: [Qcow2Snapshot]
     private let backing: Locked<BlockNode?>
+    /// Bytes of snapshot L1 tables this image's snapshot views hold (bounded by `Qcow2Limits`).
+    private let snapshotL1Bytes = Locked(0)
     private let metadataCacheBytes: Int?
 
     private init(file: HostFile, header: Qcow2Header, layout: Qcow2Layout, compression: Qcow2CompressionType,
@@ -249,6 +251,15 @@ public final class Qcow2Driver: BlockDriver {
         guard Int64(entry.l1Size) >= neededL1 else {
             throw BlockError.invalidImage(path: file.path,
                                           reason: "snapshot '\(snapshot.name)': l1_size \(entry.l1Size) is too small for its disk size \(size)")
+        }
+        let l1Bytes = entry.l1Size * 8
+        let total = snapshotL1Bytes.withLock { total -> Int? in
+            guard total + l1Bytes <= Qcow2Limits.maxSnapshotL1Bytes else { return nil }
+            total += l1Bytes
+            return total
+        }
+        guard total != nil else {
+            throw BlockError.invalidImage(path: file.path, reason: "snapshot '\(snapshot.name)': the snapshots' L1 tables together exceed \(Qcow2Limits.maxSnapshotL1Bytes >> 20) MiB")
         }
         let l1 = try await Qcow2ClusterMap.loadL1(file: file, offset: entry.l1TableOffset, entries: entry.l1Size)
         return Qcow2Driver(file: file, header: header, layout: layout, compression: compression, length: size,

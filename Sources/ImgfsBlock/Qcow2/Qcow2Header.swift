@@ -107,7 +107,10 @@ enum Qcow2CompressionType: UInt8, Sendable {
 /// Limits that bound every allocation sized from header fields.
 enum Qcow2Limits {
     /// The largest L1 table accepted (entries); larger ones are refused before allocating.
-    static let maxL1Entries: UInt32 = 32 << 20
+    static let maxL1Entries: UInt32 = 4 << 20  // QEMU's QCOW_MAX_L1_SIZE, 32 MiB of entries
+    /// The most bytes of snapshot L1 tables held at once: snapshots may share one table in the file, so the
+    /// file's size alone does not bound them.
+    static let maxSnapshotL1Bytes = 512 << 20
     /// QEMU's limit on the refcount table (bytes).
     static let maxRefcountTableBytes: UInt64 = 8 << 20
     static let maxSnapshots: UInt32 = 65536
