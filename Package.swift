@@ -36,8 +36,11 @@ let package = Package(
                                          .product(name: "ArgumentParser", package: "swift-argument-parser"),
                                          .product(name: "Logging", package: "swift-log")],
                           path: "Sources/imgfs"),
-        .testTarget(name: "ImgfsBlockTests", dependencies: ["ImgfsBlock"], path: "Tests/ImgfsBlockTests"),
-        .testTarget(name: "ImgfsMountTests", dependencies: ["ImgfsBlock", "ImgfsFUSE"],
+        // Helpers both test targets share: running tools without Foundation's Process, seeded random data.
+        .target(name: "ImgfsTestSupport", path: "Tests/ImgfsTestSupport"),
+        .testTarget(name: "ImgfsBlockTests", dependencies: ["ImgfsBlock", "ImgfsTestSupport"],
+                    path: "Tests/ImgfsBlockTests"),
+        .testTarget(name: "ImgfsMountTests", dependencies: ["ImgfsBlock", "ImgfsFUSE", "ImgfsTestSupport"],
                     path: "Tests/ImgfsMountTests"),
     ]
 )

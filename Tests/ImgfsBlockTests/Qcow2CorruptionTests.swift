@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import ImgfsTestSupport
 @testable import ImgfsBlock
 
 private func bigEndian(_ value: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: value >> (56 - 8 * $0)) } }
@@ -173,7 +174,7 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
         let scratch = try QemuScratch()
         try makeImage(scratch, "good.qcow2")
         let good = try Data(contentsOf: URL(fileURLWithPath: scratch.path("good.qcow2")))
-        var generator = SplitMix(seed: 0x1234_5678)
+        var generator = SplitMix64(seed: 0x1234_5678)
         var opened = 0
         for round in 0..<60 {
             var bytes = [UInt8](good)
@@ -228,15 +229,3 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
     }
 }
 
-/// A small deterministic generator so fuzz rounds are reproducible.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}

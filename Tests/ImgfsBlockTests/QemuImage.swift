@@ -1,5 +1,6 @@
 import Foundation
 @testable import ImgfsBlock
+import ImgfsTestSupport
 
 /// A temporary directory in which tests build images with qemu-img and qemu-io.
 final class QemuScratch {
@@ -15,26 +16,11 @@ final class QemuScratch {
 
     func path(_ name: String) -> String { directory.appendingPathComponent(name).path }
 
-    /// Runs a tool and returns its standard output; a non-zero exit fails with its standard error.
+    /// Runs a tool in the scratch directory and returns its standard output; a non-zero exit throws with its
+    /// standard error.
     @discardableResult
     func run(_ tool: String, _ arguments: [String]) throws -> Data {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/\(tool)")
-        process.arguments = arguments
-        process.currentDirectoryURL = directory
-        let out = Pipe()
-        let err = Pipe()
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
-        let output = out.fileHandleForReading.readDataToEndOfFile()
-        let errors = err.fileHandleForReading.readDataToEndOfFile()
-        process.waitUntilExit()
-        if process.terminationStatus != 0 {
-            throw ToolFailure(command: "\(tool) \(arguments.joined(separator: " "))",
-                              stderr: String(decoding: errors, as: UTF8.self))
-        }
-        return output
+        try runTool(tool, arguments, cwd: directory.path).outputData
     }
 
     func qemuImg(_ arguments: String...) throws { try run("qemu-img", arguments) }
@@ -73,11 +59,6 @@ final class QemuScratch {
     }
 }
 
-struct ToolFailure: Error, CustomStringConvertible {
-    let command: String
-    let stderr: String
-    var description: String { "\(command) failed: \(stderr)" }
-}
 
 /// Opens an image read-only through the real opener.
 func openImage(_ path: String, readOnly: Bool = true) async throws -> BlockNode {

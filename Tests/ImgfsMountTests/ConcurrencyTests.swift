@@ -3,6 +3,7 @@ import ImgfsBlock
 import ImgfsFUSE
 import Synchronization
 import Testing
+import ImgfsTestSupport
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -2,6 +2,7 @@ import Foundation
 import Synchronization
 import Testing
 import ImgfsFUSE
+import ImgfsTestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -14,9 +15,6 @@ struct ImgfsMountTests {}
 
 @_silgen_name("fallocate")
 private func c_fallocate(_ fd: Int32, _ mode: Int32, _ offset: Int, _ length: Int) -> Int32
-
-@_silgen_name("posix_spawn_file_actions_addchdir_np")
-private func c_addchdir(_ actions: UnsafeMutablePointer<posix_spawn_file_actions_t>, _ path: UnsafePointer<CChar>) -> Int32
 
 /// fallocate(2); returns 0 or -1 with errno set.
 func linuxFallocate(_ fd: Int32, mode: Int32, offset: Int64, length: Int64) -> Int32 {
@@ -34,15 +32,6 @@ let seekHole: Int32 = 4
 
 let KiB = 1024
 let MiB = 1024 * 1024
-
-// MARK: - Failures
-
-struct TestFailure: Error, CustomStringConvertible {
-    let description: String
-    init(_ message: String) { description = message }
-}
-
-func errnoText(_ e: Int32 = errno) -> String { "\(e) (\(String(cString: strerror(e))))" }
 
 // MARK: - The binary under test
 
@@ -64,67 +53,6 @@ enum ImgfsBinary {
         }
         return candidate
     }
-}
-
-// MARK: - Running tools
-
-struct ToolResult {
-    let status: Int32
-    let stdout: String
-    let stderr: String
-    var outputData: Data
-}
-
-/// Runs a program (absolute path or found on PATH) and returns its status and output.
-///
-/// posix_spawn + waitpid rather than Foundation's Process: Process learns of the exit through a dispatch source,
-/// which never runs when every pool thread is blocked waiting for a process (a deadlock on two cores).
-@discardableResult
-func runTool(_ tool: String, _ arguments: [String], cwd: String? = nil, check: Bool = true) throws -> ToolResult {
-    let executable: String
-    if tool.hasPrefix("/") {
-        executable = tool
-    } else {
-        let dirs = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        let candidates: [String] = dirs.map { $0 + "/" + tool }
-        guard let found = candidates.first(where: { access($0, X_OK) == 0 }) else {
-            throw TestFailure("\(tool) is not installed")
-        }
-        executable = found
-    }
-    // Files, not pipes: a daemon started by the tool can never hold our pipe open.
-    let outPath = "/tmp/imgfs-mt-out-\(UUID().uuidString)"
-    let errPath = "/tmp/imgfs-mt-err-\(UUID().uuidString)"
-    defer {
-        unlink(outPath)
-        unlink(errPath)
-    }
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-    posix_spawn_file_actions_addopen(&actions, 2, errPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-    if let cwd { _ = c_addchdir(&actions, cwd) }
-    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
-    defer { argv.forEach { free($0) } }
-    var pid = pid_t()
-    let rc = posix_spawn(&pid, executable, &actions, nil, argv, environ)
-    guard rc == 0 else { throw TestFailure("cannot run \(executable): \(errnoText(rc))") }
-    var status: Int32 = 0
-    while waitpid(pid, &status, 0) < 0 {
-        if errno != EINTR { throw TestFailure("waitpid \(tool): \(errnoText())") }
-    }
-    // WIFEXITED / WEXITSTATUS, which Swift does not import.
-    let exitStatus: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
-    let out = (try? Data(contentsOf: URL(fileURLWithPath: outPath))) ?? Data()
-    let err = (try? Data(contentsOf: URL(fileURLWithPath: errPath))) ?? Data()
-    let result = ToolResult(status: exitStatus, stdout: String(decoding: out, as: UTF8.self),
-                            stderr: String(decoding: err, as: UTF8.self), outputData: out)
-    if check && result.status != 0 {
-        throw TestFailure("\(tool) \(arguments.joined(separator: " ")) exited \(result.status): \(result.stderr)")
-    }
-    return result
 }
 
 // MARK: - Mount table
@@ -222,35 +150,6 @@ final class Scratch {
 /// The daemon's pid as `imgfs` records it by mountpoint.
 func daemonPid(mountpoint: String) -> pid_t? { RuntimeRecord.read(mountpoint: mountpoint) }
 
-// MARK: - Seeded random bytes
-
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
-func randomBytes(_ count: Int, seed: UInt64) -> [UInt8] {
-    var rng = SplitMix64(seed: seed)
-    var bytes = [UInt8](repeating: 0, count: count)
-    bytes.withUnsafeMutableBytes { raw in
-        let words = count / 8
-        let p = raw.baseAddress!
-        for i in 0..<words { p.storeBytes(of: rng.next(), toByteOffset: i * 8, as: UInt64.self) }
-        var tail = rng.next()
-        for i in (words * 8)..<count {
-            raw[i] = UInt8(truncatingIfNeeded: tail)
-            tail >>= 8
-        }
-    }
-    return bytes
-}
 
 // MARK: - File I/O
 

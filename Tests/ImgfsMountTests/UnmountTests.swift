@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import Testing
+import ImgfsTestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -14,6 +15,15 @@ struct Ack: Sendable {
 extension ImgfsMountTests {
 @Suite(.serialized)
 struct UnmountTests {
+    /// Mounts `image` as a writable raw disk and returns the mountpoint and the daemon's pid.
+    private func mountWritable(_ scratch: Scratch, _ image: String) throws -> (String, pid_t) {
+        let mnt = try scratch.dir("mnt")
+        try scratch.mount(image, at: mnt, ["--format", "raw"])
+        guard let pid = daemonPid(mountpoint: mnt) else { throw TestFailure("no pid file for \(mnt)") }
+        #expect(processAlive(pid))
+        return (mnt, pid)
+    }
+
     @Test("unmount while idle loses nothing written without fsync")
     func idleUnmount() throws {
         let scratch = try Scratch("idle")
@@ -48,13 +58,7 @@ struct UnmountTests {
         let slot = 64 * KiB
         let slots = 4096
         try runTool("truncate", ["-s", "\(slot * slots)", image])
-        let mnt = try scratch.dir("mnt")
-        try scratch.mount(image, at: mnt, ["--format", "raw"])
-        guard let pid = daemonPid(mountpoint: mnt) else {
-            Issue.record("no pid file for \(mnt)")
-            return
-        }
-        #expect(processAlive(pid))
+        let (mnt, pid) = try mountWritable(scratch, image)
 
         let writers = 4
         let writeSize = 20_000
@@ -116,13 +120,7 @@ struct UnmountTests {
         defer { scratch.cleanup() }
         let image = scratch.path("disk.img")
         try writeFile(image, randomBytes(2 * MiB, seed: 12))
-        let mnt = try scratch.dir("mnt")
-        try scratch.mount(image, at: mnt, ["--format", "raw"])
-        guard let pid = daemonPid(mountpoint: mnt) else {
-            Issue.record("no pid file for \(mnt)")
-            return
-        }
-        #expect(processAlive(pid))
+        let (mnt, pid) = try mountWritable(scratch, image)
         // Some dirty work for the daemon to flush.
         let fd = try openOrThrow(mnt + "/disk.raw", O_RDWR)
         try pwriteFully(fd, randomBytes(MiB, seed: 13), at: 4096)
