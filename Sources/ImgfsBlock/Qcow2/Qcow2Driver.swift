@@ -19,7 +19,8 @@ public final class Qcow2Driver: BlockDriver {
 
     private init(file: HostFile, header: Qcow2Header, layout: Qcow2Layout, compression: Qcow2CompressionType,
                  length: Int64, l1: [UInt64], readOnly: Bool, backingReference: BackingReference?,
-                 backing: BlockNode?, snapshots: [Qcow2Snapshot], metadataCacheBytes: Int?) {
+                 backing: BlockNode?, snapshots: [Qcow2Snapshot], metadataCacheBytes: Int?,
+                 cachesOf parent: Qcow2Driver? = nil) {
         self.file = file
         self.header = header
         self.layout = layout
@@ -30,11 +31,13 @@ public final class Qcow2Driver: BlockDriver {
         self.backing = Locked(backing)
         self.snapshotEntries = snapshots
         self.metadataCacheBytes = metadataCacheBytes
-        let capacity = Qcow2L2Cache.defaultCapacity(layout: layout, virtualSize: length,
-                                                    requestedBytes: metadataCacheBytes)
-        clusterMap = Qcow2ClusterMap(layout: layout, l1: l1, file: file, cache: Qcow2L2Cache(capacity: capacity))
-        compressedReader = Qcow2CompressedReader(file: file, compression: compression,
-                                                 clusterSize: layout.clusterSize, fileSize: layout.fileSize)
+        // Snapshot views share the image's caches: an L2 table or compressed cluster is the same whichever L1
+        // reaches it, snapshots often share them, and the image's memory stays bounded however many views exist.
+        let cache = parent?.clusterMap.cache ?? Qcow2L2Cache(capacity: Qcow2L2Cache.defaultCapacity(
+            layout: layout, virtualSize: length, requestedBytes: metadataCacheBytes))
+        clusterMap = Qcow2ClusterMap(layout: layout, l1: l1, file: file, cache: cache)
+        compressedReader = parent?.compressedReader ?? Qcow2CompressedReader(
+            file: file, compression: compression, clusterSize: layout.clusterSize, fileSize: layout.fileSize)
     }
 
     /// Opens and validates a qcow2 image; on a read-write open, clears the autoclear feature bits we do not keep.
@@ -264,7 +267,7 @@ public final class Qcow2Driver: BlockDriver {
         let l1 = try await Qcow2ClusterMap.loadL1(file: file, offset: entry.l1TableOffset, entries: entry.l1Size)
         return Qcow2Driver(file: file, header: header, layout: layout, compression: compression, length: size,
                            l1: l1, readOnly: true, backingReference: backingReference, backing: backingNode,
-                           snapshots: [], metadataCacheBytes: metadataCacheBytes)
+                           snapshots: [], metadataCacheBytes: metadataCacheBytes, cachesOf: self)
     }
 
     /// The refcount table, loaded on demand (for checks and, later, writing).
