@@ -28,7 +28,7 @@ private func expectSameAsQemu(_ scratch: QemuScratch, _ image: String, chunk: In
 }
 
 @Suite struct Qcow2ReadTests {
-    @Test(arguments: [512, 4096, 65536, 2 << 20])
+    @Test(arguments: (9...21).map { 1 << $0 })  // 512 B ... 2 MiB, every size qcow2 allows
     func everyClusterSizeReadsLikeQemu(clusterSize: Int) async throws {
         let scratch = try QemuScratch()
         let size: Int64 = 16 << 20
@@ -45,6 +45,20 @@ private func expectSameAsQemu(_ scratch: QemuScratch, _ image: String, chunk: In
         try await expectSameAsQemu(scratch, "a.qcow2", chunk: 65_537)
         let node = try await openImage(scratch.path("a.qcow2"))
         #expect(node.driver.formatInfo()["compat"] == .string(compat))
+    }
+
+    @Test(arguments: [16 << 10, 64 << 10, 2 << 20])  // extended L2 needs clusters of at least 16 KiB
+    func extendedL2AtClusterSize(clusterSize: Int) async throws {
+        let scratch = try QemuScratch()
+        let size: Int64 = 16 << 20
+        try scratch.qemuImg("create", "-q", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=\(clusterSize)",
+                            scratch.path("x.qcow2"), "\(size)")
+        let sub = clusterSize / 32
+        try scratch.qemuIO("x.qcow2", scatteredWrites(size: size) + [
+            "write -P 0x71 \(sub) \(sub)", "write -z \(3 * sub) \(2 * sub)", "write -P 0x72 \(clusterSize + 5 * sub) 700",
+            "discard \(4 << 20) \(clusterSize)",
+        ])
+        try await expectSameAsQemu(scratch, "x.qcow2")
     }
 
     @Test func extendedL2SubclustersOverABackingFile() async throws {
