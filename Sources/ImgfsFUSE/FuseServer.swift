@@ -1,5 +1,4 @@
 import CFuseBridge
-import Dispatch
 import ImgfsBlock
 import Logging
 import Synchronization
@@ -58,34 +57,30 @@ public final class FuseServer: @unchecked Sendable {
 
     /// Serves requests until the mount goes away or a signal ends the loop; then stops, flushes and unmounts.
     public func run() async throws {
-        guard let session else { throw FuseError("run() before mount()") }
-        let threads = UInt32(max(1, configuration.fuseThreads))
-        let signals: Int32 = configuration.handleSignals ? 1 : 0
-        let unmanaged = UncheckedSendable(session)
+        guard session != nil else { throw FuseError("run() before mount()") }
         // The loop blocks its thread: run it on a thread of its own, never on the cooperative pool.
-        let rc: Int32 = await withCheckedContinuation { continuation in
+        let failure: Error? = await withCheckedContinuation { continuation in
             Self.spawnThread {
-                continuation.resume(returning: imgfs_session_loop(unmanaged.value, threads, signals))
+                do {
+                    try self.runOnCurrentThread()
+                    continuation.resume(returning: nil)
+                } catch {
+                    continuation.resume(returning: error)
+                }
             }
         }
-        try await shutdown()
-        if rc != 0 && rc != Int32(-EINTR) && rc != Int32(SIGTERM) && rc != Int32(SIGINT) && rc != Int32(SIGHUP) {
-            logger.warning("FUSE loop ended with \(rc)")
-        }
+        if let failure { throw failure }
     }
 
     /// Runs the loop on the calling thread (the daemon's main thread, where signals are delivered), then shuts down.
     public func runOnCurrentThread() throws {
         guard let session else { throw FuseError("run before mount") }
-        _ = imgfs_session_loop(session, UInt32(max(1, configuration.fuseThreads)), configuration.handleSignals ? 1 : 0)
-        let done = DispatchSemaphore(value: 0)
-        let failure = Mutex<Error?>(nil)
-        Task(executorPreference: executor) {
-            do { try await self.shutdown() } catch { failure.withLock { $0 = error } }
-            done.signal()
+        let rc = imgfs_session_loop(session, UInt32(max(1, configuration.fuseThreads)), configuration.handleSignals ? 1 : 0)
+        // libfuse reports the signal that ended the loop as its result; anything else is worth a line.
+        if rc != 0 && rc != -EINTR && ![SIGTERM, SIGINT, SIGHUP].contains(rc) {
+            logger.warning("FUSE loop ended with \(rc)")
         }
-        done.wait()
-        if let error = failure.withLock({ $0 }) { throw error }
+        try CallerThreadExecutor.run { try await self.shutdown() }
     }
 
     /// Waits for every answered-later request, flushes every writable image, unmounts and frees the session.
@@ -119,7 +114,7 @@ public final class FuseServer: @unchecked Sendable {
 
     /// Does the work on the calling loop thread and returns once it has answered.
     func runOnLoopThread(_ request: FuseRequest, _ work: @escaping @Sendable () async throws -> Void) {
-        CallerThreadExecutor.run { await self.answer(request, work) }
+        _ = try? CallerThreadExecutor.run { await self.answer(request, work) }
     }
 
     /// Runs `work`, which replies on success; a failure is replied with its errno.

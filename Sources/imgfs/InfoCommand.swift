@@ -22,7 +22,7 @@ struct InfoCommand: ParsableCommand {
         let path = image
         let node: BlockNode
         do {
-            node = try runBlocking { try await ImageOpener.open(path, options: options) }
+            node = try CallerThreadExecutor.run { try await ImageOpener.open(path, options: options) }
         } catch {
             Diagnostics.error("\(error)")
             throw ExitStatus.imageError
@@ -34,7 +34,7 @@ struct InfoCommand: ParsableCommand {
         case .human:
             print(nodes.map { human(ImageInfo.describe($0)) }.joined(separator: "\n"))
         }
-        try runBlocking { try await node.close() }
+        try CallerThreadExecutor.run { try await node.close() }
     }
 
     private func human(_ info: InfoValue) -> String {

@@ -70,8 +70,8 @@ struct MountCommand: ParsableCommand {
             openOptions.metadataCacheBytes = l2CacheSize?.bytes
             let opts = openOptions
             let readOnly = self.readOnly
-            node = try runBlocking { try await ImageOpener.open(imagePath, options: opts) }
-            let root = try runBlocking { try await MountLayout.directory(for: node, readOnly: readOnly) }
+            node = try CallerThreadExecutor.run { try await ImageOpener.open(imagePath, options: opts) }
+            let root = try CallerThreadExecutor.run { try await MountLayout.directory(for: node, readOnly: readOnly) }
             var config = MountConfiguration(mountpoint: mountPath, sourceName: "imgfs:\(imagePath)")
             config.fuseOptions = options.flatMap { $0.split(separator: ",").map(String.init) }
             config.readOnly = readOnly || node.isReadOnly
@@ -90,7 +90,7 @@ struct MountCommand: ParsableCommand {
             chdir("/")
             report.ready()
             try server.runOnCurrentThread()
-            try runBlocking { try await node.close() }
+            try CallerThreadExecutor.run { try await node.close() }
         } catch let error as ExitCode {
             throw error
         } catch {

@@ -5,7 +5,8 @@ import Glibc
 /// Runs one async operation to completion on the calling thread, which must be allowed to block.
 ///
 /// For a caller that has to wait anyway (a FUSE loop thread whose request buffer must stay valid until a large
-/// write is done), doing the work itself saves two thread switches per request; host I/O runs inline.
+/// write is done, the CLI's main thread, the daemon's shutdown), doing the work itself saves two thread switches
+/// and a semaphore; host I/O runs inline.
 public final class CallerThreadExecutor: TaskExecutor, @unchecked Sendable {
     private var jobs: [UnownedJob] = []
     private var finished = false
@@ -24,15 +25,19 @@ public final class CallerThreadExecutor: TaskExecutor, @unchecked Sendable {
         condition.deallocate()
     }
 
-    /// Runs `operation` on this thread (anything it awaits resumes here too) and returns when it has finished.
-    public static func run(_ operation: @escaping @Sendable () async -> Void) {
+    /// Runs `operation` on this thread (anything it awaits resumes here too) and returns its result once it has
+    /// finished.
+    public static func run<T>(_ operation: @escaping @Sendable () async throws -> T) throws -> T {
         IOExecutor.allowBlockingOnCurrentThread()
         let executor = CallerThreadExecutor()
+        // Written by the task before `finish()`, read after `drain()` returns: the mutex orders the two.
+        nonisolated(unsafe) var result: Result<T, Error>?
         Task(executorPreference: executor) {
-            await operation()
+            do { result = .success(try await operation()) } catch { result = .failure(error) }
             executor.finish()
         }
         executor.drain()
+        return try result!.get()
     }
 
     public func enqueue(_ job: consuming ExecutorJob) {
