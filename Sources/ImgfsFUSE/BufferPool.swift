@@ -1,39 +1,24 @@
 import ImgfsBlock
 
 /// Reusable request buffers: a fresh 1 MiB allocation per request costs an mmap/munmap pair and halves throughput.
-final class BufferPool: @unchecked Sendable {
+final class BufferPool: Sendable {
     let bufferSize: Int
-    private let capacity: Int
-    private var free: [UnsafeMutableRawPointer] = []
-    private let lock = PthreadLock()
+    private let pool: ResourcePool<UnsafeMutableRawPointer>
 
     init(bufferSize: Int, capacity: Int) {
         self.bufferSize = bufferSize
-        self.capacity = capacity
+        pool = ResourcePool(limit: capacity,
+                            make: { UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 64) },
+                            destroy: { $0.deallocate() })
     }
 
-    /// A buffer of at least `count` bytes; give it back with `recycle`.
+    /// A buffer of at least `count` bytes; give it back with `recycle`. Larger-than-usual ones are not pooled.
     func take(_ count: Int) -> UnsafeMutableRawPointer {
-        if count <= bufferSize {
-            lock.lock()
-            let reused = free.popLast()
-            lock.unlock()
-            if let reused { return reused }
-            return UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 64)
-        }
+        if count <= bufferSize, let buffer = pool.take() { return buffer }
         return UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 64)
     }
 
     func recycle(_ buffer: UnsafeMutableRawPointer, count: Int) {
-        if count <= bufferSize {
-            lock.lock()
-            if free.count < capacity {
-                free.append(buffer)
-                lock.unlock()
-                return
-            }
-            lock.unlock()
-        }
-        buffer.deallocate()
+        if count <= bufferSize { pool.recycle(buffer) } else { buffer.deallocate() }
     }
 }

@@ -2,8 +2,9 @@ import CDeflate
 
 /// Raw-deflate (RFC 1951, no zlib header) decompression of one block of known output size, via libdeflate.
 public enum DeflateDecompressor {
-    private static let pool = ContextPool(create: { libdeflate_alloc_decompressor() },
-                                          destroy: { libdeflate_free_decompressor($0) })
+    // Reused: allocating a decompressor per cluster costs more than small inflates.
+    private static let pool = ResourcePool<OpaquePointer>(limit: 64, make: { libdeflate_alloc_decompressor() },
+                                                          destroy: { libdeflate_free_decompressor($0) })
 
     /// Inflates `input` into all of `output`; fails unless the stream produces exactly `output.count` bytes.
     ///

@@ -2,7 +2,9 @@ import CZstd
 
 /// Zstandard decompression of one block of known output size; the input may hold several frames and padding.
 public enum ZstdDecompressor {
-    private static let pool = ContextPool(create: { ZSTD_createDCtx() }, destroy: { ZSTD_freeDCtx($0) })
+    // Reused: creating a zstd context costs far more than decompressing one cluster.
+    private static let pool = ResourcePool<OpaquePointer>(limit: 64, make: { ZSTD_createDCtx() },
+                                                          destroy: { ZSTD_freeDCtx($0) })
 
     /// Decompresses frames from `input` until `output` is exactly full.
     ///
