@@ -42,7 +42,7 @@ extension FuseServer {
 
     func read(_ request: FuseRequest, ino: UInt64, size: Int, offset: Int64) {
         guard let file = tree.file(ino) else { return request.fail(EBADF) }
-        let length = Int(max(0, min(Int64(size), file.node.length - max(0, offset))))
+        let length = file.bytesInside(offset: offset, size: size)
         guard offset >= 0, length > 0 else { return request.replyData(nil, count: 0) }
         let buffers = self.buffers
         beginAsync(request) {
@@ -57,7 +57,7 @@ extension FuseServer {
         guard let file = tree.file(ino) else { return request.fail(EBADF) }
         guard !file.isReadOnly else { return request.fail(EROFS) }
         // A disk does not grow by writing past its end: what fits is written, the rest is ENOSPC.
-        let length = Int(max(0, min(Int64(size), file.node.length - max(0, offset))))
+        let length = file.bytesInside(offset: offset, size: size)
         guard offset >= 0 else { return request.fail(EINVAL) }
         guard length > 0 else { return size == 0 ? request.replyWritten(0) : request.fail(ENOSPC) }
         if length > Self.largeWriteBytes {
@@ -166,5 +166,12 @@ extension FuseServer {
             }
             if wantData { request.fail(ENXIO) } else { request.replyOffset(size) }
         }
+    }
+}
+
+extension ExportedFile {
+    /// How many of `size` bytes from `offset` lie inside the disk (0 past its end).
+    func bytesInside(offset: Int64, size: Int) -> Int {
+        Int(max(0, min(Int64(size), node.length - max(0, offset))))
     }
 }
