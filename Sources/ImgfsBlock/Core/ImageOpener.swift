@@ -55,8 +55,10 @@ public enum ImageOpener {
         guard depth <= options.maxChainDepth else {
             throw BlockError.chain("\(path): backing chain deeper than \(options.maxChainDepth) images")
         }
-        var readOnly = readOnly
-        var file = try HostFile.open(path, readOnly: readOnly)
+        var readOnly = readOnly || !(format?.isWritableByImgfs ?? true)
+        // Probing only reads, and a format imgfs cannot write needs no write access (the file may be 0444): open
+        // for reading, and reopen for writing once the format is known to allow it.
+        var file = try HostFile.open(path, readOnly: readOnly || format == nil)
         let identity = try file.identity()
         if let earlier = visited[identity] {
             throw BlockError.chain("backing chain loop: \(path) is the same file as \(earlier), which it backs")
@@ -72,7 +74,12 @@ public enum ImageOpener {
             if chosen == .raw { readOnly = true }
         }
         if !chosen.isWritableByImgfs { readOnly = true }
-        if readOnly && !file.isReadOnly { file = try HostFile.open(path, readOnly: true) }
+        if !readOnly && file.isReadOnly {
+            file = try HostFile.open(path, readOnly: false)
+            guard try file.identity() == identity else {
+                throw BlockError.chain("\(path) was replaced while it was being opened")
+            }
+        }
         let context = DriverOpenContext(file: file, readOnly: readOnly, options: options)
         let driver = try await DriverRegistry.open(chosen, context)
         var backing: BlockNode?
