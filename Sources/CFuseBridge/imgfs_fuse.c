@@ -67,16 +67,14 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info *fi) {
-    (void)fi;
     imgfs_fuse_handlers *h = HANDLERS(req);
-    h->read(h->context, req, ino, size, (int64_t)off);
+    h->read(h->context, req, ino, fi->fh, size, (int64_t)off);
 }
 
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size, off_t off,
                      struct fuse_file_info *fi) {
-    (void)fi;
     imgfs_fuse_handlers *h = HANDLERS(req);
-    h->write(h->context, req, ino, buf, size, (int64_t)off);
+    h->write(h->context, req, ino, fi->fh, buf, size, (int64_t)off);
 }
 
 static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
@@ -85,14 +83,13 @@ static void op_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) 
 }
 
 static void op_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
-    (void)ino; (void)fi;
-    fuse_reply_err(req, 0);
+    imgfs_fuse_handlers *h = HANDLERS(req);
+    h->release(h->context, req, ino, fi->fh);
 }
 
 static void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi) {
-    (void)fi;
     imgfs_fuse_handlers *h = HANDLERS(req);
-    h->fsync(h->context, req, ino, datasync);
+    h->fsync(h->context, req, ino, fi->fh, datasync);
 }
 
 static void op_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
@@ -123,15 +120,13 @@ static void op_statfs(fuse_req_t req, fuse_ino_t ino) {
 
 static void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
                          struct fuse_file_info *fi) {
-    (void)fi;
     imgfs_fuse_handlers *h = HANDLERS(req);
-    h->fallocate(h->context, req, ino, mode, (int64_t)offset, (int64_t)length);
+    h->fallocate(h->context, req, ino, fi->fh, mode, (int64_t)offset, (int64_t)length);
 }
 
 static void op_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, struct fuse_file_info *fi) {
-    (void)fi;
     imgfs_fuse_handlers *h = HANDLERS(req);
-    h->lseek(h->context, req, ino, (int64_t)off, whence);
+    h->lseek(h->context, req, ino, fi->fh, (int64_t)off, whence);
 }
 
 static const struct fuse_lowlevel_ops imgfs_ops = {

@@ -17,22 +17,25 @@ enum FuseHandlers {
             server(ctx).setattr(FuseRequest(raw: req!), ino: ino, toSet: toSet, size: size)
         }
         h.open = { ctx, req, ino, flags in server(ctx).open(FuseRequest(raw: req!), ino: ino, flags: flags) }
-        h.read = { ctx, req, ino, size, offset in
-            server(ctx).read(FuseRequest(raw: req!), ino: ino, size: size, offset: offset)
+        h.release = { ctx, req, _, fh in server(ctx).release(FuseRequest(raw: req!), handle: fh) }
+        h.read = { ctx, req, _, fh, size, offset in
+            server(ctx).read(FuseRequest(raw: req!), OpenFile.from(handle: fh), size: size, offset: offset)
         }
-        h.write = { ctx, req, ino, data, size, offset in
-            server(ctx).write(FuseRequest(raw: req!), ino: ino, data: data!, size: size, offset: offset)
+        h.write = { ctx, req, _, fh, data, size, offset in
+            server(ctx).write(FuseRequest(raw: req!), OpenFile.from(handle: fh), data: data!, size: size,
+                              offset: offset)
         }
-        h.fsync = { ctx, req, ino, _ in server(ctx).fsync(FuseRequest(raw: req!), ino: ino) }
+        h.fsync = { ctx, req, _, fh, _ in server(ctx).fsync(FuseRequest(raw: req!), OpenFile.from(handle: fh)) }
         h.readdir = { ctx, req, ino, size, offset in
             server(ctx).readdir(FuseRequest(raw: req!), ino: ino, size: size, offset: offset)
         }
         h.statfs = { ctx, req, _ in server(ctx).statfs(FuseRequest(raw: req!)) }
-        h.fallocate = { ctx, req, ino, mode, offset, length in
-            server(ctx).fallocate(FuseRequest(raw: req!), ino: ino, mode: mode, offset: offset, length: length)
+        h.fallocate = { ctx, req, _, fh, mode, offset, length in
+            server(ctx).fallocate(FuseRequest(raw: req!), OpenFile.from(handle: fh), mode: mode, offset: offset,
+                                  length: length)
         }
-        h.lseek = { ctx, req, ino, offset, whence in
-            server(ctx).lseek(FuseRequest(raw: req!), ino: ino, offset: offset, whence: whence)
+        h.lseek = { ctx, req, _, fh, offset, whence in
+            server(ctx).lseek(FuseRequest(raw: req!), OpenFile.from(handle: fh), offset: offset, whence: whence)
         }
         return h
     }

@@ -24,9 +24,9 @@ extension FuseServer {
         guard toSet & Int32(FUSE_SET_ATTR_SIZE) != 0, let file = tree.file(ino) else {
             return getattr(request, ino: ino)
         }
-        guard !file.isReadOnly else { return request.fail(EROFS) }
+        guard !file.isReadOnly, let node = file.fixedNode else { return request.fail(EROFS) }
         beginAsync(request) {
-            if size != file.node.length { try await file.node.truncate(to: size) }
+            if size != node.length { try await node.truncate(to: size) }
             self.getattr(request, ino: ino)
         }
     }
@@ -37,24 +37,41 @@ extension FuseServer {
         }
         // Root passes default_permissions on a 0444 file: refuse writable opens of read-only files here.
         if (flags & O_ACCMODE) != O_RDONLY && file.isReadOnly { return request.fail(EROFS) }
-        request.replyOpen(keepCache: configuration.keepCache)
+        let keepCache = configuration.keepCache
+        if let node = file.fixedNode {
+            return request.replyOpen(handle: OpenFile(file: file, node: node).handle, keepCache: keepCache)
+        }
+        beginAsync(request) {
+            let node = try await file.open()
+            request.replyOpen(handle: OpenFile(file: file, node: node).handle, keepCache: keepCache)
+        }
     }
 
-    func read(_ request: FuseRequest, ino: UInt64, size: Int, offset: Int64) {
-        guard let file = tree.file(ino) else { return request.fail(EBADF) }
+    func release(_ request: FuseRequest, handle: UInt64) {
+        let open = OpenFile.from(handle: handle)
+        OpenFile.release(handle: handle)
+        guard case .lazy = open.file.source else { return request.succeed() }
+        beginAsync(request) {
+            await open.file.close()
+            request.succeed()
+        }
+    }
+
+    func read(_ request: FuseRequest, _ file: OpenFile, size: Int, offset: Int64) {
         let length = file.bytesInside(offset: offset, size: size)
         guard offset >= 0, length > 0 else { return request.replyData(nil, count: 0) }
         let buffers = self.buffers
         beginAsync(request) {
             let buffer = buffers.take(length)
             defer { buffers.recycle(buffer, count: length) }
-            try await file.node.read(at: offset, into: UnsafeMutableRawBufferPointer(start: buffer, count: length))
-            request.replyData(buffer, count: length)
+            // The disk may shrink between the clamp above and the read: what is gone is a short read.
+            let count = try await file.node.readUpTo(at: offset,
+                                                     into: UnsafeMutableRawBufferPointer(start: buffer, count: length))
+            request.replyData(buffer, count: count)
         }
     }
 
-    func write(_ request: FuseRequest, ino: UInt64, data: UnsafeRawPointer, size: Int, offset: Int64) {
-        guard let file = tree.file(ino) else { return request.fail(EBADF) }
+    func write(_ request: FuseRequest, _ file: OpenFile, data: UnsafeRawPointer, size: Int, offset: Int64) {
         guard !file.isReadOnly else { return request.fail(EROFS) }
         // A disk does not grow by writing past its end: what fits is written, the rest is ENOSPC.
         let length = file.bytesInside(offset: offset, size: size)
@@ -87,8 +104,7 @@ extension FuseServer {
     /// Writes above this size are written from libfuse's buffer without a copy (see `write`).
     static let largeWriteBytes = 128 << 10
 
-    func fsync(_ request: FuseRequest, ino: UInt64) {
-        guard let file = tree.file(ino) else { return request.succeed() }
+    func fsync(_ request: FuseRequest, _ file: OpenFile) {
         beginAsync(request) {
             try await file.node.flush()
             request.succeed()
@@ -96,15 +112,15 @@ extension FuseServer {
     }
 
     func readdir(_ request: FuseRequest, ino: UInt64, size: Int, offset: Int64) {
-        guard case .directory(let parent, let children)? = tree.inodes[ino] else { return request.fail(ENOTDIR) }
-        var entries: [(String, UInt64)] = [(".", ino), ("..", parent)]
-        entries += children.map { ($0.name, $0.ino) }
+        guard let directory = tree.directory(ino) else { return request.fail(ENOTDIR) }
         let buffer = UnsafeMutablePointer<CChar>.allocate(capacity: max(size, 1))
         defer { buffer.deallocate() }
         var used = 0
-        var index = Int(max(0, offset))
-        while index < entries.count {
-            let (name, child) = entries[index]
+        var index = Int(max(0, min(offset, Int64(Int32.max))))
+        // Entry 0 is ".", 1 is "..", then the children: no listing is built per call.
+        while index < directory.children.count + 2 {
+            let (name, child) = index == 0 ? (".", ino) : index == 1 ? ("..", directory.parent)
+                : directory.children[index - 2]
             let mode = tree.attributes(child)?.mode ?? UInt32(Glibc.S_IFDIR)
             let next = imgfs_dirbuf_add(request.raw, buffer, size, used, name, child, mode, Int64(index + 1))
             if next == 0 { break }
@@ -116,12 +132,11 @@ extension FuseServer {
 
     func statfs(_ request: FuseRequest) {
         let files = tree.files
-        let bytes = files.reduce(Int64(0)) { $0 + $1.node.length }
+        let bytes = files.reduce(Int64(0)) { $0 + $1.length }
         _ = imgfs_reply_statfs(request.raw, UInt64(bytes / 4096), UInt64(tree.inodes.count), 4096)
     }
 
-    func fallocate(_ request: FuseRequest, ino: UInt64, mode: Int32, offset: Int64, length: Int64) {
-        guard let file = tree.file(ino) else { return request.fail(EBADF) }
+    func fallocate(_ request: FuseRequest, _ file: OpenFile, mode: Int32, offset: Int64, length: Int64) {
         guard !file.isReadOnly else { return request.fail(EROFS) }
         guard offset >= 0, length > 0 else { return request.fail(EINVAL) }
         let size = file.node.length
@@ -146,8 +161,7 @@ extension FuseServer {
         }
     }
 
-    func lseek(_ request: FuseRequest, ino: UInt64, offset: Int64, whence: Int32) {
-        guard let file = tree.file(ino) else { return request.fail(EBADF) }
+    func lseek(_ request: FuseRequest, _ file: OpenFile, offset: Int64, whence: Int32) {
         let wantData: Bool
         switch whence {
         case 3: wantData = true   // SEEK_DATA
@@ -166,12 +180,5 @@ extension FuseServer {
             }
             if wantData { request.fail(ENXIO) } else { request.replyOffset(size) }
         }
-    }
-}
-
-extension ExportedFile {
-    /// How many of `size` bytes from `offset` lie inside the disk (0 past its end).
-    func bytesInside(offset: Int64, size: Int) -> Int {
-        Int(max(0, min(Int64(size), node.length - max(0, offset))))
     }
 }

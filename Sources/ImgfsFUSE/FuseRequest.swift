@@ -21,5 +21,7 @@ struct FuseRequest: @unchecked Sendable {
         var a = attr
         _ = imgfs_reply_attr(raw, &a, timeout)
     }
-    func replyOpen(keepCache: Bool) { _ = imgfs_reply_open(raw, 0, keepCache ? 1 : 0, 0) }
+    /// Answers an open with the file handle later requests carry; if the kernel no longer wants it (the open
+    /// was interrupted), libfuse calls release with it, so the handle is never leaked.
+    func replyOpen(handle: UInt64, keepCache: Bool) { _ = imgfs_reply_open(raw, handle, keepCache ? 1 : 0, 0) }
 }

@@ -90,8 +90,9 @@ public final class FuseServer: @unchecked Sendable {
         }
         var firstError: Error?
         for file in tree.files where !file.isReadOnly {
-            do { try await file.node.flush() } catch {
-                logger.error("flush of \(file.node.path) failed: \(error)")
+            guard let node = file.fixedNode else { continue }
+            do { try await node.flush() } catch {
+                logger.error("flush of \(node.path) failed: \(error)")
                 firstError = firstError ?? error
             }
         }

@@ -5,15 +5,53 @@ import Glibc
 #endif
 
 /// One file shown in the mount: a block node's disk as flat bytes.
-public struct ExportedFile: Sendable {
+public final class ExportedFile: Sendable {
+    /// Where the node comes from: held for the whole mount, or opened while the file is open.
+    public enum Source: Sendable {
+        case node(BlockNode)
+        case lazy(LazyBlockNode)
+    }
+
     public let name: String
-    public let node: BlockNode
+    public let source: Source
     public let isReadOnly: Bool
 
     public init(name: String, node: BlockNode, readOnly: Bool) {
         self.name = name
-        self.node = node
+        self.source = .node(node)
         self.isReadOnly = readOnly || node.isReadOnly
+    }
+
+    /// A read-only file whose node is opened on first open and closed after the last close.
+    public init(name: String, lazy: LazyBlockNode) {
+        self.name = name
+        self.source = .lazy(lazy)
+        self.isReadOnly = true
+    }
+
+    /// The node held for the whole mount, if this file has one.
+    public var fixedNode: BlockNode? {
+        if case .node(let node) = source { return node }
+        return nil
+    }
+
+    public var length: Int64 {
+        switch source {
+        case .node(let node): return node.length
+        case .lazy(let lazy): return lazy.length
+        }
+    }
+
+    /// The node for one open of the file; pair with `close(_:)`.
+    func open() async throws -> BlockNode {
+        switch source {
+        case .node(let node): return node
+        case .lazy(let lazy): return try await lazy.acquire()
+        }
+    }
+
+    func close() async {
+        if case .lazy(let lazy) = source { await lazy.release() }
     }
 }
 
@@ -30,8 +68,16 @@ public struct MountDirectory: Sendable {
 
 /// The inodes of a mount, fixed when it starts: only file sizes change (by truncate).
 final class MountTree: Sendable {
+    /// A directory's entries in readdir order, and by name for lookup (a snapshot directory may hold 65,536).
+    struct Directory: Sendable {
+        let parent: UInt64
+        let children: [(name: String, ino: UInt64)]
+        let byName: [String: UInt64]
+        let subdirectoryCount: Int
+    }
+
     enum Inode: Sendable {
-        case directory(parent: UInt64, children: [(name: String, ino: UInt64)])
+        case directory(Directory)
         case file(ExportedFile)
     }
 
@@ -46,7 +92,6 @@ final class MountTree: Sendable {
         func add(_ directory: MountDirectory, parent: UInt64) -> UInt64 {
             let ino = next
             next += 1
-            inodes[ino] = .directory(parent: parent, children: [])
             var children: [(name: String, ino: UInt64)] = []
             for file in directory.files {
                 inodes[next] = .file(file)
@@ -56,7 +101,9 @@ final class MountTree: Sendable {
             for (name, sub) in directory.directories {
                 children.append((name, add(sub, parent: ino)))
             }
-            inodes[ino] = .directory(parent: parent, children: children)
+            let byName = Dictionary(children.map { ($0.name, $0.ino) }, uniquingKeysWith: { first, _ in first })
+            inodes[ino] = .directory(Directory(parent: parent, children: children, byName: byName,
+                                               subdirectoryCount: directory.directories.count))
             return ino
         }
         _ = add(root, parent: Self.rootInode)
@@ -70,20 +117,23 @@ final class MountTree: Sendable {
         return nil
     }
 
+    func directory(_ ino: UInt64) -> Directory? {
+        if case .directory(let d)? = inodes[ino] { return d }
+        return nil
+    }
+
     func lookup(parent: UInt64, name: String) -> UInt64? {
-        guard case .directory(_, let children)? = inodes[parent] else { return nil }
-        return children.first { $0.name == name }?.ino
+        directory(parent)?.byName[name]
     }
 
     func attributes(_ ino: UInt64) -> imgfs_attr? {
         switch inodes[ino] {
-        case .directory(_, let children)?:
-            let subdirectories = children.filter { if case .directory? = inodes[$0.ino] { return true } else { return false } }
-            return imgfs_attr(ino: ino, mode: UInt32(Glibc.S_IFDIR) | 0o755, nlink: UInt32(2 + subdirectories.count),
+        case .directory(let d)?:
+            return imgfs_attr(ino: ino, mode: UInt32(Glibc.S_IFDIR) | 0o755, nlink: UInt32(2 + d.subdirectoryCount),
                               size: 4096, uid: owner.uid, gid: owner.gid, mtime_sec: mountTime)
         case .file(let f)?:
             return imgfs_attr(ino: ino, mode: UInt32(Glibc.S_IFREG) | (f.isReadOnly ? 0o444 : 0o644), nlink: 1,
-                              size: f.node.length, uid: owner.uid, gid: owner.gid, mtime_sec: mountTime)
+                              size: f.length, uid: owner.uid, gid: owner.gid, mtime_sec: mountTime)
         case nil:
             return nil
         }

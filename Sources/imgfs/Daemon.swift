@@ -60,7 +60,7 @@ enum Daemon {
                 status = Int32(rest[..<space])
                 Diagnostics.error(String(rest[space...].drop { $0 == " " }))
             } else {
-                Diagnostics.write(line + "\n")
+                Diagnostics.write(TerminalText.escape(String(line)) + "\n")
             }
         }
         var exitStatus: Int32 = 0

@@ -3,9 +3,15 @@ import Glibc
 #endif
 
 /// One-line messages on stderr (fd 2: glibc's `stderr` is not concurrency-safe in Swift 6).
+///
+/// Messages may quote an image's own strings, so each is escaped into exactly one line.
 enum Diagnostics {
     static func error(_ message: String) {
-        write("imgfs: \(message)\n")
+        write("imgfs: \(TerminalText.escape(message))\n")
+    }
+
+    static func warning(_ message: String) {
+        write("imgfs: warning: \(TerminalText.escape(message))\n")
     }
 
     static func write(_ text: String) {

@@ -18,7 +18,9 @@ struct InfoCommand: ParsableCommand {
     var allowPath: [String] = []
 
     func run() throws {
-        let options = OpenOptions(readOnly: true, format: format, pathPolicy: try PathPolicy(allowedDirectories: allowPath))
+        // A short look takes no image locks, so it works beside a running VM as `qemu-img info -U` does.
+        let options = OpenOptions(readOnly: true, format: format, pathPolicy: try PathPolicy(allowedDirectories: allowPath),
+                                  locking: .none)
         let path = image
         let node: BlockNode
         do {
@@ -28,6 +30,7 @@ struct InfoCommand: ParsableCommand {
             throw ExitStatus.imageError
         }
         let nodes = backingChain ? node.chain : [node]
+        for warning in nodes.flatMap(\.warnings) { Diagnostics.warning(warning) }
         switch output {
         case .json:
             print(backingChain ? ImageInfo.describeChain(node).json() : ImageInfo.describe(node).json())
@@ -50,7 +53,7 @@ struct InfoCommand: ParsableCommand {
             lines.append("Snapshot list:")
             for snapshot in snapshots {
                 if case .string(let id)? = snapshot["id"], case .string(let name)? = snapshot["name"] {
-                    lines.append("  \(id)\t\(name)")
+                    lines.append("  \(id)  \(name)")
                 }
             }
         }
@@ -58,6 +61,7 @@ struct InfoCommand: ParsableCommand {
             lines.append("Format specific information:")
             for (key, value) in data { lines.append("    \(key): \(value.json(indent: 4))") }
         }
-        return lines.joined(separator: "\n")
+        // Each line may quote the image's own strings: escaped, it stays one line.
+        return lines.map(TerminalText.escape).joined(separator: "\n")
     }
 }

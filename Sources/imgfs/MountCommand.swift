@@ -23,8 +23,10 @@ struct MountCommand: ParsableCommand {
     @Argument(help: "The image file.") var image: String
     @Argument(help: "An existing directory to mount on.") var mountpoint: String
     @Flag(name: .long, help: "Refuse writes (EROFS).") var readOnly = false
+    @Flag(name: .long, help: "With --read-only: do not keep writers out (QEMU's -U); reads may see a changing image.")
+    var forceShare = false
     @Flag(name: .long, help: "Stay in the foreground (logs go to stderr).") var foreground = false
-    @Option(name: .long, help: "Image format (raw, qcow2); probed when absent. A probed raw image is mounted read-only.")
+    @Option(name: .long, help: "Image format (raw, qcow2); probed when absent. A probed raw image refuses writes that would make it probe as another format.")
     var format: ImageFormat?
     @Option(name: .shortAndLong, parsing: .singleValue, help: "FUSE mount options, comma-separated (e.g. allow_other).")
     var options: [String] = []
@@ -42,7 +44,16 @@ struct MountCommand: ParsableCommand {
     func validate() throws {
         if ioThreads < 1 || ioThreads > 256 { throw ValidationError("--io-threads must be 1...256") }
         if fuseThreads < 1 || fuseThreads > 64 { throw ValidationError("--fuse-threads must be 1...64") }
+        if forceShare && !readOnly { throw ValidationError("--force-share needs --read-only") }
+        for option in fuseOptions {
+            let key = option.split(separator: "=", maxSplits: 1).first.map(String.init) ?? option
+            if ["fsname", "subtype"].contains(key) {
+                throw ValidationError("-o \(key)= is set by imgfs (it is how `imgfs unmount` knows its mounts)")
+            }
+        }
     }
+
+    private var fuseOptions: [String] { options.flatMap { $0.split(separator: ",").map(String.init) } }
 
     func run() throws {
         if !foreground {
@@ -52,7 +63,7 @@ struct MountCommand: ParsableCommand {
         }
         let report = ReadyReport(fd: readyFd, logFile: logFile)
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
+            var handler = EscapingLogHandler(StreamLogHandler.standardError(label: label))
             handler.logLevel = logLevel
             return handler
         }
@@ -61,19 +72,23 @@ struct MountCommand: ParsableCommand {
         let node: BlockNode
         do {
             let imagePath = try absolute(image, what: "image")
-            guard let mountPath = PathPolicy.realPath(mountpoint) else {
-                report.failure("\(mountpoint): mountpoint does not exist", status: ExitStatus.mountError.rawValue)
+            let mountPath: String
+            switch Mountpoint.check(mountpoint) {
+            case .success(let path): mountPath = path
+            case .failure(let problem):
+                report.failure(problem.description, status: ExitStatus.mountError.rawValue)
                 throw ExitStatus.mountError
             }
             var openOptions = OpenOptions(readOnly: readOnly, format: format,
-                                          pathPolicy: try PathPolicy(allowedDirectories: allowPath))
+                                          pathPolicy: try PathPolicy(allowedDirectories: allowPath),
+                                          locking: forceShare ? .forceShare : .exclusiveWriter)
             openOptions.metadataCacheBytes = l2CacheSize?.bytes
             let opts = openOptions
             let readOnly = self.readOnly
             node = try CallerThreadExecutor.run { try await ImageOpener.open(imagePath, options: opts) }
-            let root = try CallerThreadExecutor.run { try await MountLayout.directory(for: node, readOnly: readOnly) }
+            let root = MountLayout.directory(for: node, readOnly: readOnly)
             var config = MountConfiguration(mountpoint: mountPath, sourceName: "imgfs:\(imagePath)")
-            config.fuseOptions = options.flatMap { $0.split(separator: ",").map(String.init) }
+            config.fuseOptions = fuseOptions
             config.readOnly = readOnly || node.isReadOnly
             config.fuseThreads = fuseThreads
             config.handleSignals = true
@@ -84,9 +99,8 @@ struct MountCommand: ParsableCommand {
             }
             RuntimeRecord.write(mountpoint: mountPath, pid: getpid())
             defer { RuntimeRecord.remove(mountpoint: mountPath) }
-            if node.isReadOnly && !readOnly {
-                Logger(label: "imgfs").notice("\(imagePath): format probed as raw; mounted read-only (pass --format raw to write)")
-            }
+            // Before ready: until then stderr reaches the user's terminal (through the parent, in the background).
+            for warning in node.chain.flatMap(\.warnings) { Diagnostics.warning(warning) }
             chdir("/")
             report.ready()
             try server.runOnCurrentThread()
@@ -148,7 +162,8 @@ struct ReadyReport {
 
     func failure(_ message: String, status: Int32) {
         if let fd {
-            send("\(Self.failurePrefix)\(status) \(message)\n", to: fd)
+            // One line whatever the message quotes from the image, and a NUL must not cut it short.
+            send("\(Self.failurePrefix)\(status) \(TerminalText.escape(message))\n", to: fd)
             close(fd)
         } else {
             Diagnostics.error(message)
@@ -156,6 +171,7 @@ struct ReadyReport {
     }
 
     private func send(_ text: String, to fd: Int32) {
-        _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }
+        var bytes = Array(text.utf8)
+        _ = bytes.withUnsafeMutableBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
     }
 }

@@ -61,7 +61,8 @@ struct UnmountCommand: ParsableCommand {
     private func unmount(_ path: String) -> String? {
         if getuid() == 0 {
             if umount2(path, lazy ? Int32(MNT_DETACH) : 0) == 0 { return nil }
-            return String(cString: strerror(errno))
+            let e = errno
+            return String(cString: strerror(e)) + (e == EBUSY ? " (is a file still open? try --lazy)" : "")
         }
         var pid = pid_t()
         let args = ["fusermount3", "-u"] + (lazy ? ["-z"] : []) + [path]

@@ -108,14 +108,60 @@ import Testing
         #expect(node.chain.last?.format == .raw)
     }
 
-    @Test func probedRawIsNeverWritten() async throws {
+    @Test func probedRawRefusesOnlyWritesThatChangeItsFormat() async throws {
         let scratch = try QemuScratch()
         try scratch.qemuImg("create", "-q", "-f", "raw", scratch.path("p.img"), "1M")
         let probed = try await ImageOpener.open(scratch.path("p.img"), options: OpenOptions(pathPolicy: try PathPolicy()))
-        #expect(probed.format == .raw && probed.isReadOnly)
+        #expect(probed.format == .raw && !probed.isReadOnly)
+        #expect(probed.warnings.contains { $0.contains("--format raw") })
+        // Ordinary writes to the first sector pass; one that completes a qcow2 magic, even in two steps, does not.
+        try await write(probed, at: 0, Array("hello".utf8))
+        try await write(probed, at: 0, [0x51, 0x46])
+        await #expect {
+            try await write(probed, at: 2, [0x49, 0xFB])
+        } throws: { error in
+            guard case BlockError.notPermitted(let reason) = error else { return false }
+            return reason.contains("qcow2") && (error as? BlockError)?.errno == EPERM
+        }
+        await #expect(throws: BlockError.self) { try await write(probed, at: 0, Array("# Disk DescriptorFile".utf8)) }
+        try await write(probed, at: 4096, [0x51, 0x46, 0x49, 0xFB])  // past the first sector anything goes
+        #expect(try await readNode(probed, at: 0, count: 4) == [0x51, 0x46, 0x6C, 0x6C])
+        try await probed.close()
+        // Named as raw, the same write is the user's business.
         let named = try await ImageOpener.open(scratch.path("p.img"),
                                                options: OpenOptions(format: .raw, pathPolicy: try PathPolicy()))
-        #expect(!named.isReadOnly)
+        #expect(named.warnings.isEmpty)
+        try await write(named, at: 0, [0x51, 0x46, 0x49, 0xFB])
+        #expect(try await readNode(named, at: 0, count: 4) == [0x51, 0x46, 0x49, 0xFB])
+    }
+
+    @Test func fileNamedAsAFormatItIsNotIsRefused() async throws {
+        let scratch = try QemuScratch()
+        for name in ["d.qcow2", "d.vmdk", "empty.QCOW2"] {
+            let bytes = name.hasPrefix("empty") ? [] : [UInt8](repeating: 0x5A, count: 4096)
+            FileManager.default.createFile(atPath: scratch.path(name), contents: Data(bytes))
+            await #expect {
+                _ = try await ImageOpener.open(scratch.path(name), options: OpenOptions(readOnly: true, pathPolicy: try PathPolicy()))
+            } throws: { error in
+                "\(error)".contains("its content is not") && "\(error)".contains("--format raw")
+            }
+            let forced = try await ImageOpener.open(scratch.path(name), options: OpenOptions(
+                readOnly: true, format: .raw, pathPolicy: try PathPolicy()))
+            #expect(forced.length == Int64(bytes.count))
+        }
+    }
+
+    @Test func fifoIsRefusedWithoutBlocking() async throws {
+        let scratch = try QemuScratch()
+        #expect(mkfifo(scratch.path("f.img"), 0o600) == 0)
+        // As the image, and as a backing file named inside one.
+        await #expect {
+            _ = try await ImageOpener.open(scratch.path("f.img"), options: OpenOptions(readOnly: true, pathPolicy: try PathPolicy()))
+        } throws: { "\($0)".contains("FIFO") }
+        try overlay(scratch, "top.qcow2", backing: "f.img", format: "raw")
+        await #expect {
+            _ = try await ImageOpener.open(scratch.path("top.qcow2"), options: OpenOptions(readOnly: true, pathPolicy: try PathPolicy()))
+        } throws: { "\($0)".contains("FIFO") }
     }
 
     @Test func recordedBackingFormatIsNotReprobed() async throws {

@@ -99,3 +99,19 @@ func firstDifference(_ a: [UInt8], _ b: [UInt8]) -> Int? {
     if a.count != b.count { return min(a.count, b.count) }
     return zip(a, b).enumerated().first(where: { $0.element.0 != $0.element.1 })?.offset
 }
+
+/// Writes `bytes` at `offset` through the node.
+func write(_ node: BlockNode, at offset: Int64, _ bytes: [UInt8]) async throws {
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 16)
+    defer { buffer.deallocate() }
+    buffer.copyBytes(from: bytes)
+    try await node.write(at: offset, from: UnsafeRawBufferPointer(buffer))
+}
+
+/// Big-endian bytes of a field, for patching images.
+func bigEndianBytes<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
+    (0..<(T.bitWidth / 8)).map { UInt8(truncatingIfNeeded: value >> (T.bitWidth - 8 - 8 * $0)) }
+}
+
+/// The value of big-endian bytes read from an image.
+func bigEndianValue(_ bytes: [UInt8]) -> UInt64 { bytes.reduce(0) { $0 << 8 | UInt64($1) } }

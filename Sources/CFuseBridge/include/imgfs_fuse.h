@@ -25,13 +25,17 @@ typedef struct imgfs_fuse_handlers {
     void (*getattr)(void *context, fuse_req_t req, uint64_t ino);
     void (*setattr)(void *context, fuse_req_t req, uint64_t ino, int to_set, int64_t size);
     void (*open)(void *context, fuse_req_t req, uint64_t ino, int flags);
-    void (*read)(void *context, fuse_req_t req, uint64_t ino, size_t size, int64_t offset);
-    void (*write)(void *context, fuse_req_t req, uint64_t ino, const void *data, size_t size, int64_t offset);
-    void (*fsync)(void *context, fuse_req_t req, uint64_t ino, int datasync);
+    // `fh` is what open replied with.
+    void (*release)(void *context, fuse_req_t req, uint64_t ino, uint64_t fh);
+    void (*read)(void *context, fuse_req_t req, uint64_t ino, uint64_t fh, size_t size, int64_t offset);
+    void (*write)(void *context, fuse_req_t req, uint64_t ino, uint64_t fh, const void *data, size_t size,
+                  int64_t offset);
+    void (*fsync)(void *context, fuse_req_t req, uint64_t ino, uint64_t fh, int datasync);
     void (*readdir)(void *context, fuse_req_t req, uint64_t ino, size_t size, int64_t offset);
     void (*statfs)(void *context, fuse_req_t req, uint64_t ino);
-    void (*fallocate)(void *context, fuse_req_t req, uint64_t ino, int mode, int64_t offset, int64_t length);
-    void (*lseek)(void *context, fuse_req_t req, uint64_t ino, int64_t offset, int whence);
+    void (*fallocate)(void *context, fuse_req_t req, uint64_t ino, uint64_t fh, int mode, int64_t offset,
+                      int64_t length);
+    void (*lseek)(void *context, fuse_req_t req, uint64_t ino, uint64_t fh, int64_t offset, int whence);
 } imgfs_fuse_handlers;
 
 typedef struct imgfs_session imgfs_session;

@@ -29,6 +29,8 @@ public protocol BlockDriver: AnyObject, Sendable {
 
     /// Format-specific facts for `imgfs info`, named as `qemu-img info --output=json` names them.
     func formatInfo() -> [String: InfoValue]
+    /// Problems found at open that did not stop it (a snapshot left out, say), one line each, for the user.
+    var openWarnings: [String] { get }
     /// The image's internal snapshots (qcow2).
     var snapshots: [SnapshotDescriptor] { get }
     /// A read-only driver showing one internal snapshot's disk.
@@ -39,6 +41,7 @@ extension BlockDriver {
     public var backingReference: BackingReference? { nil }
     public func attachBacking(_ backing: BlockNode) {}
     public func formatInfo() -> [String: InfoValue] { [:] }
+    public var openWarnings: [String] { [] }
     public var snapshots: [SnapshotDescriptor] { [] }
     public func openSnapshot(_ snapshot: SnapshotDescriptor) async throws -> BlockDriver {
         throw BlockError.unsupported("\(format.rawValue) images have no internal snapshots")
@@ -58,6 +61,8 @@ public struct BackingReference: Sendable, Equatable {
 
 /// One internal snapshot as listed by `qemu-img snapshot -l`.
 public struct SnapshotDescriptor: Sendable, Equatable {
+    /// Position in the driver's list of snapshots: ids and names need not be unique, this is.
+    public var index: Int
     public var id: String
     public var name: String
     public var diskSize: Int64
@@ -67,8 +72,9 @@ public struct SnapshotDescriptor: Sendable, Equatable {
     public var vmClockNanoseconds: UInt64
     public var icount: Int64?
 
-    public init(id: String, name: String, diskSize: Int64, vmStateSize: Int64, dateSeconds: UInt32,
+    public init(index: Int, id: String, name: String, diskSize: Int64, vmStateSize: Int64, dateSeconds: UInt32,
                 dateNanoseconds: UInt32, vmClockNanoseconds: UInt64, icount: Int64?) {
+        self.index = index
         self.id = id
         self.name = name
         self.diskSize = diskSize

@@ -20,6 +20,10 @@ public enum BlockError: Error, Sendable, CustomStringConvertible, Equatable {
     case pathRefused(path: String, reason: String)
     /// Opening a backing chain failed (loop, depth, missing file).
     case chain(String)
+    /// Another process holds the image in a way that conflicts with this open (QEMU-compatible locks).
+    case locked(path: String, reason: String)
+    /// The write would change what the image is taken for (a probed raw image's first sector).
+    case notPermitted(String)
 
     /// The errno a FUSE reply carries for this error.
     public var errno: Int32 {
@@ -30,6 +34,8 @@ public enum BlockError: Error, Sendable, CustomStringConvertible, Equatable {
         case .readOnly: return EROFS
         case .outOfRange: return EINVAL
         case .pathRefused: return EACCES
+        case .locked: return EBUSY
+        case .notPermitted: return EPERM
         }
     }
 
@@ -44,6 +50,8 @@ public enum BlockError: Error, Sendable, CustomStringConvertible, Equatable {
         case .outOfRange(let o, let l, let s): return "request \(o)+\(l) outside the disk of \(s) bytes"
         case .pathRefused(let path, let reason): return "refused path '\(path)': \(reason)"
         case .chain(let reason): return reason
+        case .locked(let path, let reason): return "\(path): cannot lock the image: \(reason)"
+        case .notPermitted(let reason): return reason
         }
     }
 }

@@ -10,12 +10,19 @@ public final class BlockNode: Sendable {
     public let file: HostFile?
     public let backing: BlockNode?
     public let isReadOnly: Bool
+    /// Whether closing this node closes its backing chain; a view (a snapshot) shares its image's chain.
+    private let ownsBacking: Bool
+    /// What the user should hear about this image: problems that did not stop the open, probing.
+    public let warnings: [String]
 
-    public init(path: String, driver: BlockDriver, file: HostFile?, backing: BlockNode?, readOnly: Bool) {
+    public init(path: String, driver: BlockDriver, file: HostFile?, backing: BlockNode?, readOnly: Bool,
+                ownsBacking: Bool = true, warnings: [String] = []) {
         self.path = path
+        self.warnings = warnings + driver.openWarnings
         self.driver = driver
         self.file = file
         self.backing = backing
+        self.ownsBacking = ownsBacking
         self.isReadOnly = readOnly || driver.isReadOnly
         if let backing { driver.attachBacking(backing) }
     }
@@ -28,6 +35,15 @@ public final class BlockNode: Sendable {
         try checkRange(offset, Int64(buffer.count))
         if buffer.isEmpty { return }
         try await driver.read(at: offset, into: buffer)
+    }
+
+    /// Reads up to `buffer.count` bytes, fewer where the disk ends (it may have shrunk since the caller looked);
+    /// returns how many were read.
+    public func readUpTo(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws -> Int {
+        guard offset >= 0 else { throw BlockError.outOfRange(offset: offset, length: Int64(buffer.count), size: length) }
+        let count = Int(max(0, min(Int64(buffer.count), length - offset)))
+        if count > 0 { try await driver.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<count])) }
+        return count
     }
 
     /// Reads any range: bytes past the end of this disk read as zeros. Drivers call this on their backing node.
@@ -98,10 +114,12 @@ public final class BlockNode: Sendable {
         return ChainBlockStatus(kind: .hole, length: limit, depth: depth, hostOffset: nil)
     }
 
-    /// Closes this node and every node below it.
+    /// Closes this node and every node below it that it owns.
     public func close() async throws {
         try await driver.close()
-        try await backing?.close()
+        // The descriptor lives as long as any reference to the file, but the image is free for others now.
+        if let file { ImageLock.unlock(file) }
+        if ownsBacking { try await backing?.close() }
     }
 
     /// The nodes of the chain from this one down.

@@ -2,17 +2,31 @@
 public struct OpenOptions: Sendable {
     /// Open the top image read-only (backing images are always read-only).
     public var readOnly: Bool = false
-    /// The top image's format; nil probes it (and a probed raw image is then opened read-only).
+    /// The top image's format; nil probes it (and a probed raw image then refuses writes that would make it
+    /// probe as another format).
     public var format: ImageFormat?
+    /// How the images are locked against other processes (QEMU's image locking).
+    public var locking: LockingPolicy = .exclusiveWriter
     public var pathPolicy: PathPolicy
     /// Longest backing chain accepted, counting the top image.
     public var maxChainDepth: Int = 64
     /// Bytes of L2 tables (and similar metadata) a driver may cache per image; nil lets the driver choose.
     public var metadataCacheBytes: Int?
 
+    /// Whether images are locked as QEMU locks them, or left unlocked for a short look.
+    public enum LockingPolicy: Sendable {
+        /// A writer keeps every other writer and consistent reader out; readers keep writers out.
+        case exclusiveWriter
+        /// Readers keep nobody out (QEMU's force-share); only for read-only opens.
+        case forceShare
+        /// No locks at all (`imgfs info`).
+        case none
+    }
+
     public init(readOnly: Bool = false, format: ImageFormat? = nil, pathPolicy: PathPolicy,
-                maxChainDepth: Int = 64, metadataCacheBytes: Int? = nil) {
+                maxChainDepth: Int = 64, metadataCacheBytes: Int? = nil, locking: LockingPolicy = .exclusiveWriter) {
         self.readOnly = readOnly
+        self.locking = locking
         self.format = format
         self.pathPolicy = pathPolicy
         self.maxChainDepth = maxChainDepth
@@ -25,11 +39,14 @@ public struct DriverOpenContext: Sendable {
     public let file: HostFile
     public let readOnly: Bool
     public let options: OpenOptions
+    /// The format was probed, not named: a raw driver must then keep writes from changing what it probes as.
+    public let probed: Bool
 
-    public init(file: HostFile, readOnly: Bool, options: OpenOptions) {
+    public init(file: HostFile, readOnly: Bool, options: OpenOptions, probed: Bool = false) {
         self.file = file
         self.readOnly = readOnly
         self.options = options
+        self.probed = probed
     }
 }
 
@@ -64,14 +81,17 @@ public enum ImageOpener {
             throw BlockError.chain("backing chain loop: \(path) is the same file as \(earlier), which it backs")
         }
         visited[identity] = path
+        var warnings: [String] = []
         let chosen: ImageFormat
         if let format {
             chosen = format
         } else {
             chosen = try await probe(file)
-            // A probed raw image is never written: a guest could write a header into it that the next probe
-            // would obey.
-            if chosen == .raw { readOnly = true }
+            try checkNameAgrees(path, probed: chosen)
+            if chosen == .raw && !readOnly {
+                warnings.append("\(path): no format given, probed as raw; writes that would make it look like " +
+                                "another format are refused (pass --format raw to allow them)")
+            }
         }
         if !chosen.isWritableByImgfs { readOnly = true }
         if !readOnly && file.isReadOnly {
@@ -80,7 +100,8 @@ public enum ImageOpener {
                 throw BlockError.chain("\(path) was replaced while it was being opened")
             }
         }
-        let context = DriverOpenContext(file: file, readOnly: readOnly, options: options)
+        try ImageLock.lock(file, mode: lockMode(readOnly: readOnly, options: options))
+        let context = DriverOpenContext(file: file, readOnly: readOnly, options: options, probed: format == nil)
         let driver = try await DriverRegistry.open(chosen, context)
         var backing: BlockNode?
         if let reference = driver.backingReference {
@@ -88,7 +109,26 @@ public enum ImageOpener {
             backing = try await openLayer(path: resolved, format: reference.format, readOnly: true, depth: depth + 1,
                                           visited: &visited, options: options)
         }
-        return BlockNode(path: path, driver: driver, file: file, backing: backing, readOnly: readOnly)
+        return BlockNode(path: path, driver: driver, file: file, backing: backing, readOnly: readOnly,
+                         warnings: warnings)
+    }
+
+    private static func lockMode(readOnly: Bool, options: OpenOptions) -> ImageLock.Mode {
+        switch options.locking {
+        case .none: return .none
+        case .forceShare where readOnly: return .forceShare
+        case .exclusiveWriter, .forceShare: return readOnly ? .readOnly : .readWrite
+        }
+    }
+
+    /// A file named like a format it is not is refused rather than shown as raw garbage (a truncated download, a
+    /// file of the wrong kind); naming the format overrides this.
+    private static func checkNameAgrees(_ path: String, probed: ImageFormat) throws {
+        guard let dot = path.lastIndex(of: "."), !path[dot...].contains("/") else { return }
+        let suffix = path[path.index(after: dot)...].lowercased()
+        guard let named = ImageFormat(rawValue: suffix), named != .raw, named != probed else { return }
+        throw BlockError.invalidImage(path: path, reason: "named .\(suffix) but its content is not \(named.rawValue) " +
+                                      "(it probes as \(probed.rawValue)); pass --format \(probed.rawValue) to use it as that")
     }
 }
 
@@ -96,7 +136,7 @@ public enum ImageOpener {
 public enum DriverRegistry {
     public static func open(_ format: ImageFormat, _ context: DriverOpenContext) async throws -> BlockDriver {
         switch format {
-        case .raw: return try RawDriver(file: context.file, readOnly: context.readOnly)
+        case .raw: return try RawDriver(file: context.file, readOnly: context.readOnly, guardsProbe: context.probed)
         case .qcow2: return try await Qcow2Driver.open(context)
         case .vmdk: throw BlockError.unsupported("\(context.file.path): the VMDK driver is not built yet")
         }

@@ -18,20 +18,41 @@ public final class HostFile: Sendable {
         public let inode: UInt64
     }
 
+    /// Opens a regular file or block device; anything else (a FIFO, a socket, a directory) is refused before it
+    /// can block the open or a read.
     public static func open(_ path: String, readOnly: Bool, executor: IOExecutor = .shared) throws -> HostFile {
-        let fd = Glibc.open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
+        // O_NONBLOCK keeps open() of a FIFO from waiting for a writer; it is cleared once the type is known.
+        let fd = Glibc.open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
         if fd < 0 { throw BlockError.system(errno: errno, operation: "open", path: path) }
         var st = stat()
         if fstat(fd, &st) != 0 {
             let e = errno
-            close(fd)
+            Glibc.close(fd)
             throw BlockError.system(errno: e, operation: "stat", path: path)
         }
-        if (st.st_mode & S_IFMT) == S_IFDIR {
-            close(fd)
-            throw BlockError.system(errno: EISDIR, operation: "open", path: path)
+        let type = st.st_mode & S_IFMT
+        guard type == S_IFREG || type == S_IFBLK else {
+            Glibc.close(fd)
+            if type == S_IFDIR { throw BlockError.system(errno: EISDIR, operation: "open", path: path) }
+            throw BlockError.unsupported("\(path): not a regular file or block device (a \(fileTypeName(type)))")
+        }
+        let flags = fcntl(fd, F_GETFL)
+        if flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0 {
+            let e = errno
+            Glibc.close(fd)
+            throw BlockError.system(errno: e, operation: "fcntl", path: path)
         }
         return HostFile(path: path, descriptor: fd, readOnly: readOnly, executor: executor)
+    }
+
+    private static func fileTypeName(_ type: mode_t) -> String {
+        switch type {
+        case S_IFIFO: return "FIFO"
+        case S_IFSOCK: return "socket"
+        case S_IFCHR: return "character device"
+        case S_IFLNK: return "symbolic link"
+        default: return "special file"
+        }
     }
 
     init(path: String, descriptor: Int32, readOnly: Bool, executor: IOExecutor) {

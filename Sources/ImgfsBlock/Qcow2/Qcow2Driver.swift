@@ -12,14 +12,18 @@ public final class Qcow2Driver: BlockDriver {
     let clusterMap: Qcow2ClusterMap
     let compressedReader: Qcow2CompressedReader
     let snapshotEntries: [Qcow2Snapshot]
+    public let openWarnings: [String]
     private let backing: Locked<BlockNode?>
-    /// Bytes of snapshot L1 tables this image's snapshot views hold (bounded by `Qcow2Limits`).
+    /// Bytes of snapshot L1 tables the open snapshot views of this image hold (bounded by `Qcow2Limits`).
     private let snapshotL1Bytes = Locked(0)
+    /// For a snapshot view: the image whose L1 budget its table counts against until it is closed.
+    private let parent: Qcow2Driver?
+    private let closed = Locked(false)
     private let metadataCacheBytes: Int?
 
     private init(file: HostFile, header: Qcow2Header, layout: Qcow2Layout, compression: Qcow2CompressionType,
                  length: Int64, l1: [UInt64], readOnly: Bool, backingReference: BackingReference?,
-                 backing: BlockNode?, snapshots: [Qcow2Snapshot], metadataCacheBytes: Int?,
+                 backing: BlockNode?, snapshots: [Qcow2Snapshot], warnings: [String] = [], metadataCacheBytes: Int?,
                  cachesOf parent: Qcow2Driver? = nil) {
         self.file = file
         self.header = header
@@ -30,6 +34,8 @@ public final class Qcow2Driver: BlockDriver {
         self.backingReference = backingReference
         self.backing = Locked(backing)
         self.snapshotEntries = snapshots
+        self.openWarnings = warnings
+        self.parent = parent
         self.metadataCacheBytes = metadataCacheBytes
         // Snapshot views share the image's caches: an L2 table or compressed cluster is the same whichever L1
         // reaches it, snapshots often share them, and the image's memory stays bounded however many views exist.
@@ -57,7 +63,7 @@ public final class Qcow2Driver: BlockDriver {
         let headerCluster = BigEndianBytes(
             try await file.readBytes(count: Int(min(fileSize, Int64(header.clusterSize))), at: 0))
         let extensions: Qcow2HeaderExtensions
-        let compression: Qcow2CompressionType
+        let validated: Qcow2ValidatedHeader
         do {
             if header.version == 3 && Int(header.headerLength) > headerCluster.count {
                 throw Qcow2HeaderError("header_length \(header.headerLength) passes the end of the file")
@@ -67,8 +73,8 @@ public final class Qcow2Driver: BlockDriver {
             extensions = header.version == 3
                 ? try Qcow2HeaderExtensions(parsing: headerCluster, start: Int(header.headerLength), end: extensionsEnd)
                 : try Qcow2HeaderExtensions(parsing: headerCluster, start: Qcow2Header.version2Length, end: extensionsEnd)
-            compression = try header.validate(fileSize: fileSize, readOnly: context.readOnly,
-                                              featureNames: extensions.featureNames)
+            validated = try header.validate(fileSize: fileSize, readOnly: context.readOnly,
+                                            featureNames: extensions.featureNames)
         } catch let error as Qcow2HeaderError {
             throw invalid(error.reason)
         }
@@ -90,11 +96,10 @@ public final class Qcow2Driver: BlockDriver {
         }
 
         let layout = Qcow2Layout(header: header, fileSize: fileSize)
-        let l1 = try await Qcow2ClusterMap.loadL1(file: file, offset: Int64(header.l1TableOffset),
-                                                  entries: Int(header.l1Size))
-        let snapshots = try await Qcow2Snapshot.readTable(file: file, offset: Int64(header.snapshotsOffset),
-                                                          count: Int(header.snapshotCount), header: header,
-                                                          fileSize: fileSize)
+        let l1 = try await Qcow2ClusterMap.loadL1(file: file, offset: validated.l1Offset, entries: Int(header.l1Size))
+        let snapshotTable = try await Qcow2Snapshot.readTable(file: file, offset: validated.snapshotsOffset,
+                                                              count: Int(header.snapshotCount), header: header,
+                                                              fileSize: fileSize)
         if !context.readOnly && header.version == 3 && header.autoclearFeatures != 0 {
             // Autoclear bits promise extra data (bitmaps) kept in sync with the disk; we do not keep it, so as
             // QEMU does for bits it does not know, clear them before anything can be written.
@@ -106,9 +111,10 @@ public final class Qcow2Driver: BlockDriver {
         }
         var effectiveHeader = header
         if !context.readOnly { effectiveHeader.autoclearFeatures = 0 }
-        return Qcow2Driver(file: file, header: effectiveHeader, layout: layout, compression: compression,
-                           length: Int64(header.size), l1: l1, readOnly: context.readOnly,
-                           backingReference: backingReference, backing: nil, snapshots: snapshots,
+        return Qcow2Driver(file: file, header: effectiveHeader, layout: layout, compression: validated.compression,
+                           length: validated.virtualSize, l1: l1, readOnly: context.readOnly,
+                           backingReference: backingReference, backing: nil, snapshots: snapshotTable.entries,
+                           warnings: snapshotTable.warnings,
                            metadataCacheBytes: context.options.metadataCacheBytes)
     }
 
@@ -219,7 +225,16 @@ public final class Qcow2Driver: BlockDriver {
     public func discard(at offset: Int64, length: Int64) async throws { throw refuseWrite() }
     public func truncate(to length: Int64) async throws { throw refuseWrite() }
     public func flush() async throws {}
-    public func close() async throws {}
+
+    public func close() async throws {
+        // A snapshot view gives its L1 table's share of the image's budget back, once.
+        let alreadyClosed = closed.withLock { closed -> Bool in
+            defer { closed = true }
+            return closed
+        }
+        guard let parent, !alreadyClosed else { return }
+        parent.releaseSnapshotL1(bytes: clusterMap.l1.count * 8)
+    }
 
     // MARK: Metadata
 
@@ -246,28 +261,35 @@ public final class Qcow2Driver: BlockDriver {
     public var snapshots: [SnapshotDescriptor] { snapshotEntries.map(\.descriptor) }
 
     public func openSnapshot(_ snapshot: SnapshotDescriptor) async throws -> BlockDriver {
-        guard let entry = snapshotEntries.first(where: { $0.descriptor == snapshot }) else {
+        guard snapshotEntries.indices.contains(snapshot.index),
+              snapshotEntries[snapshot.index].descriptor == snapshot else {
             throw BlockError.unsupported("\(file.path): no snapshot with id '\(snapshot.id)' and name '\(snapshot.name)'")
         }
-        let size = entry.descriptor.diskSize
-        let neededL1 = size / layout.bytesPerL2Table + (size % layout.bytesPerL2Table == 0 ? 0 : 1)
-        guard Int64(entry.l1Size) >= neededL1 else {
-            throw BlockError.invalidImage(path: file.path,
-                                          reason: "snapshot '\(snapshot.name)': l1_size \(entry.l1Size) is too small for its disk size \(size)")
-        }
+        let entry = snapshotEntries[snapshot.index]
+        // An L1 table shorter than the disk leaves the rest unallocated, as QEMU reads it.
         let l1Bytes = entry.l1Size * 8
-        let total = snapshotL1Bytes.withLock { total -> Int? in
-            guard total + l1Bytes <= Qcow2Limits.maxSnapshotL1Bytes else { return nil }
+        let reserved = snapshotL1Bytes.withLock { total -> Bool in
+            guard total + l1Bytes <= Qcow2Limits.maxSnapshotL1Bytes else { return false }
             total += l1Bytes
-            return total
+            return true
         }
-        guard total != nil else {
-            throw BlockError.invalidImage(path: file.path, reason: "snapshot '\(snapshot.name)': the snapshots' L1 tables together exceed \(Qcow2Limits.maxSnapshotL1Bytes >> 20) MiB")
+        guard reserved else {
+            throw BlockError.unsupported("\(file.path): snapshot '\(snapshot.name)': the open snapshots' L1 tables together would exceed \(Qcow2Limits.maxSnapshotL1Bytes >> 20) MiB; close another snapshot first")
         }
-        let l1 = try await Qcow2ClusterMap.loadL1(file: file, offset: entry.l1TableOffset, entries: entry.l1Size)
-        return Qcow2Driver(file: file, header: header, layout: layout, compression: compression, length: size,
-                           l1: l1, readOnly: true, backingReference: backingReference, backing: backingNode,
-                           snapshots: [], metadataCacheBytes: metadataCacheBytes, cachesOf: self)
+        do {
+            let l1 = try await Qcow2ClusterMap.loadL1(file: file, offset: entry.l1TableOffset, entries: entry.l1Size)
+            return Qcow2Driver(file: file, header: header, layout: layout, compression: compression,
+                               length: entry.descriptor.diskSize, l1: l1, readOnly: true,
+                               backingReference: backingReference, backing: backingNode, snapshots: [],
+                               metadataCacheBytes: metadataCacheBytes, cachesOf: self)
+        } catch {
+            releaseSnapshotL1(bytes: l1Bytes)
+            throw error
+        }
+    }
+
+    private func releaseSnapshotL1(bytes: Int) {
+        snapshotL1Bytes.withLock { $0 -= bytes }
     }
 
     /// The refcount table, loaded on demand (for checks and, later, writing).

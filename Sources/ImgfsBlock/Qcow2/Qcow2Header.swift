@@ -64,6 +64,14 @@ struct Qcow2Header: Sendable {
         autoclearFeatures = autoclear
         self.refcountOrder = refcountOrder
         self.headerLength = headerLength
+        // Checked before anything reads past the fixed fields, so a bad length is blamed on itself and not on
+        // the extension parser that would trip over it.
+        guard headerLength >= UInt32(Self.version3MinimumLength) else {
+            throw Qcow2HeaderError("header_length \(headerLength) is below the version 3 minimum of 104")
+        }
+        guard headerLength % 8 == 0 else {
+            throw Qcow2HeaderError("header_length \(headerLength) is not a multiple of 8")
+        }
         if headerLength > 104 {
             guard let type = bytes.u8(104) else {
                 throw Qcow2HeaderError("header_length \(headerLength) passes the end of the file")
@@ -121,17 +129,14 @@ enum Qcow2Limits {
 }
 
 extension Qcow2Header {
-    /// Checks every field that can be checked without the extensions; returns the derived compression type.
+    /// Checks every field that can be checked without the extensions; returns what the driver may use.
     ///
     /// `featureNames` comes from the feature name table extension so unknown bits can be refused by name.
     func validate(fileSize: Int64, readOnly: Bool, featureNames: [Qcow2FeatureName]) throws(Qcow2HeaderError)
-        -> Qcow2CompressionType
+        -> Qcow2ValidatedHeader
     {
         let clusterSize = UInt64(self.clusterSize)
         if version == 3 {
-            guard headerLength >= UInt32(Self.version3MinimumLength) else {
-                throw Qcow2HeaderError("header_length \(headerLength) is below the version 3 minimum of 104")
-            }
             guard UInt64(headerLength) <= clusterSize else {
                 throw Qcow2HeaderError("header_length \(headerLength) exceeds the cluster size")
             }
@@ -162,7 +167,7 @@ extension Qcow2Header {
             compression = .zlib
         }
 
-        guard size <= UInt64(Int64.max) else { throw Qcow2HeaderError("virtual size \(size) is too large") }
+        guard let byteSize = Int64(exactly: size) else { throw Qcow2HeaderError("virtual size \(size) is too large") }
         guard l1Size <= Qcow2Limits.maxL1Entries else {
             throw Qcow2HeaderError("l1_size \(l1Size) exceeds the limit of \(Qcow2Limits.maxL1Entries) entries")
         }
@@ -172,18 +177,20 @@ extension Qcow2Header {
         guard UInt64(l1Size) >= neededL1 else {
             throw Qcow2HeaderError("l1_size \(l1Size) is too small for virtual size \(size) (needs \(neededL1))")
         }
-        try checkTable("l1_table_offset", offset: l1TableOffset, bytes: UInt64(l1Size) * 8, fileSize: fileSize)
+        let l1Offset = try checkTable("l1_table_offset", offset: l1TableOffset, bytes: UInt64(l1Size) * 8,
+                                      fileSize: fileSize)
         guard UInt64(refcountTableClusters) * clusterSize <= Qcow2Limits.maxRefcountTableBytes else {
             throw Qcow2HeaderError("refcount_table_clusters \(refcountTableClusters) exceeds the 8 MiB limit")
         }
-        try checkTable("refcount_table_offset", offset: refcountTableOffset,
+        let refcountOffset = try checkTable("refcount_table_offset", offset: refcountTableOffset,
                        bytes: UInt64(refcountTableClusters) * clusterSize, fileSize: fileSize)
         guard snapshotCount <= Qcow2Limits.maxSnapshots else {
             throw Qcow2HeaderError("nb_snapshots \(snapshotCount) exceeds \(Qcow2Limits.maxSnapshots)")
         }
-        // Each snapshot table entry is at least 40 bytes.
-        try checkTable("snapshots_offset", offset: snapshotsOffset, bytes: UInt64(snapshotCount) * 40,
-                       fileSize: fileSize)
+        // Only the first entry must be there: the table is read entry by entry, and entries missing from its end
+        // are left out with a warning, since the active disk does not need them.
+        let snapshotTableOffset = try checkTable("snapshots_offset", offset: snapshotsOffset,
+                                                 bytes: snapshotCount == 0 ? 0 : 40, fileSize: fileSize)
         if backingFileOffset != 0 {
             guard backingFileSize <= Qcow2Limits.maxBackingNameBytes else {
                 throw Qcow2HeaderError("backing_file_size \(backingFileSize) exceeds \(Qcow2Limits.maxBackingNameBytes)")
@@ -193,7 +200,10 @@ extension Qcow2Header {
                 throw Qcow2HeaderError("backing file name at \(backingFileOffset) lies outside the header cluster")
             }
         }
-        return compression
+        // QEMU counts the disk in 512-byte sectors and drops a partial last one; so do we, so that what we show
+        // equals `qemu-img convert`.
+        return Qcow2ValidatedHeader(compression: compression, virtualSize: byteSize & ~511, l1Offset: l1Offset,
+                                    refcountTableOffset: refcountOffset, snapshotsOffset: snapshotTableOffset)
     }
 
     private func checkIncompatibleFeatures(readOnly: Bool, featureNames: [Qcow2FeatureName])
@@ -215,13 +225,36 @@ extension Qcow2Header {
         }
     }
 
-    private func checkTable(_ field: String, offset: UInt64, bytes: UInt64, fileSize: Int64) throws(Qcow2HeaderError) {
-        if bytes == 0 { return }
+    /// The table's offset as a file offset; 0 for an empty table, whose offset nothing reads.
+    private func checkTable(_ field: String, offset: UInt64, bytes: UInt64, fileSize: Int64) throws(Qcow2HeaderError)
+        -> Int64
+    {
+        if bytes == 0 { return 0 }
         guard offset % UInt64(clusterSize) == 0 else {
             throw Qcow2HeaderError("\(field) \(offset) is not cluster-aligned")
         }
-        guard offset < UInt64(fileSize), bytes <= UInt64(fileSize) - offset else {
+        guard let checked = Qcow2Table.checkedOffset(offset, bytes: bytes, fileSize: fileSize) else {
             throw Qcow2HeaderError("\(field) \(offset) (+\(bytes) bytes) lies past the end of the file (\(fileSize) bytes)")
         }
+        return checked
+    }
+}
+
+/// What a validated header lets the driver use: every offset and size already converted and bounded.
+struct Qcow2ValidatedHeader: Sendable {
+    let compression: Qcow2CompressionType
+    /// The disk size in bytes, rounded down to whole 512-byte sectors as QEMU does.
+    let virtualSize: Int64
+    let l1Offset: Int64
+    let refcountTableOffset: Int64
+    let snapshotsOffset: Int64
+}
+
+/// Bounds checks for tables whose offset and size come from the image.
+enum Qcow2Table {
+    /// `offset` as a file offset when `bytes` bytes from it lie inside a file of `fileSize` bytes, else nil.
+    static func checkedOffset(_ offset: UInt64, bytes: UInt64, fileSize: Int64) -> Int64? {
+        guard fileSize >= 0, offset < UInt64(fileSize), bytes <= UInt64(fileSize) - offset else { return nil }
+        return Int64(offset)
     }
 }

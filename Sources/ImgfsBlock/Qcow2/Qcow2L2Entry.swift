@@ -67,8 +67,11 @@ enum Qcow2L2Entry {
             if host == 0 { return .failure(.init("allocated subcluster \(unit) has no host cluster")) }
             return checkedData(host: host + Int64(unit) << Int64(layout.unitBits), cluster: host, layout: layout)
         }
-        // QEMU honours the zero flag in version 2 images too, though the spec says it is never set there.
-        if entry & zeroFlag != 0 { return .success(.zero) }
+        if entry & zeroFlag != 0 {
+            // Version 2 has no zero clusters; QEMU treats the flag there as corruption, and so do we.
+            if layout.version < 3 { return .failure(.init("zero cluster entry in a version 2 image")) }
+            return .success(.zero)
+        }
         if host == 0 {
             if entry & copiedFlag != 0 {
                 return .failure(.init("L2 entry names host offset 0 without an external data file"))

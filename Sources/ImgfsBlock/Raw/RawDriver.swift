@@ -9,10 +9,17 @@ public final class RawDriver: BlockDriver {
     public let isReadOnly: Bool
     private let file: HostFile
     private let size: Atomic<Int64>
+    /// Whether the format was probed: then no write may make the first sector probe as another format, or a
+    /// guest could turn its disk into a qcow2 whose backing file is any file on the host (as QEMU refuses too).
+    private let guardsProbe: Bool
+    /// Serialises writes to the first sector, so two that are harmless alone cannot combine into a header.
+    private let firstSectorLock = PthreadLock()
+    static let probeBytes = 512
 
-    public init(file: HostFile, readOnly: Bool) throws {
+    public init(file: HostFile, readOnly: Bool, guardsProbe: Bool = false) throws {
         self.file = file
         self.isReadOnly = readOnly
+        self.guardsProbe = guardsProbe
         self.size = Atomic(try file.size())
     }
 
@@ -27,7 +34,33 @@ public final class RawDriver: BlockDriver {
     }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws {
+        if guardsProbe && offset < Int64(Self.probeBytes) { return try await writeFirstSector(at: offset, from: buffer) }
         try await file.write(buffer, at: offset)
+    }
+
+    /// Writes a request that touches the first sector once the sector it leaves behind still probes as raw.
+    private func writeFirstSector(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws {
+        let file = self.file
+        let lock = firstSectorLock
+        let data = UncheckedSendable(buffer)
+        try await file.executor.perform {
+            try lock.withLock {
+                let sector = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.probeBytes, alignment: 16)
+                defer { sector.deallocate() }
+                sector.initializeMemory(as: UInt8.self, repeating: 0)
+                _ = try file.preadSome(sector, at: 0)
+                let start = Int(offset)
+                let count = min(data.value.count, Self.probeBytes - start)
+                UnsafeMutableRawBufferPointer(rebasing: sector[start..<(start + count)])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: data.value[..<count]))
+                let becomes = ImageFormat.probe(header: UnsafeRawBufferPointer(sector))
+                guard becomes == .raw else {
+                    throw BlockError.notPermitted("\(file.path): refused a write that would make this probed raw " +
+                                                  "image look like \(becomes.rawValue) (mount with --format raw to allow it)")
+                }
+                try file.pwriteAll(data.value, at: offset)
+            }
+        }
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, mayUnmap: Bool) async throws {
