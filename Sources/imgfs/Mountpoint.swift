@@ -12,16 +12,14 @@ enum Mountpoint {
 
     /// The canonical path to mount on, or why not.
     static func check(_ given: String) -> Result<String, Problem> {
+        let dead = Problem(description: "\(given): a FUSE mount whose daemon is gone is still there; remove it " +
+                           "with `fusermount3 -u \(given)` (or `umount -l`) first")
         guard let path = PathPolicy.realPath(given) else {
-            if errno == ENOTCONN {
-                return .failure(Problem(description: "\(given): a FUSE mount whose daemon is gone is still there; " +
-                                        "remove it with `fusermount3 -u \(given)` (or `umount -l`) first"))
-            }
-            return .failure(Problem(description: "\(given): mountpoint does not exist"))
+            return .failure(errno == ENOTCONN ? dead : Problem(description: "\(given): mountpoint does not exist"))
         }
         var st = stat()
         guard stat(path, &st) == 0 else {
-            return .failure(Problem(description: "\(given): \(String(cString: strerror(errno)))"))
+            return .failure(errno == ENOTCONN ? dead : Problem(description: "\(given): \(String(cString: strerror(errno)))"))
         }
         guard st.st_mode & S_IFMT == S_IFDIR else {
             return .failure(Problem(description: "\(given): mountpoint is not a directory (imgfs shows the image as " +

@@ -225,7 +225,7 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
             }
         }
         #expect(views.count == 16)
-        guard case .unsupported(let reason)? = refusal else {
+        guard case .overBudget(let reason)? = refusal else {
             Issue.record("expected a refusal, got \(String(describing: refusal))")
             return
         }

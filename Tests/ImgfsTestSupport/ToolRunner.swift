@@ -74,3 +74,26 @@ public func runTool(_ tool: String, _ arguments: [String], cwd: String? = nil, c
     return result
 }
 
+
+/// Starts a program in the background (output discarded) and returns its pid; the caller kills and reaps it.
+public func spawnBackground(_ executable: String, _ arguments: [String]) throws -> pid_t {
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    for fd: Int32 in [0, 1, 2] {
+        posix_spawn_file_actions_addopen(&actions, fd, "/dev/null", fd == 0 ? O_RDONLY : O_WRONLY, 0)
+    }
+    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+    defer { argv.forEach { free($0) } }
+    var pid = pid_t()
+    let rc = posix_spawnp(&pid, executable, &actions, nil, argv, environ)
+    guard rc == 0 else { throw TestFailure("cannot run \(executable): \(errnoText(rc))") }
+    return pid
+}
+
+/// Kills a background process and waits for it.
+public func stopBackground(_ pid: pid_t) {
+    kill(pid, SIGKILL)
+    var status: Int32 = 0
+    while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+}

@@ -24,6 +24,8 @@ public enum BlockError: Error, Sendable, CustomStringConvertible, Equatable {
     case locked(path: String, reason: String)
     /// The write would change what the image is taken for (a probed raw image's first sector).
     case notPermitted(String)
+    /// The request needs more memory than its budget has left (snapshot L1 tables, say).
+    case overBudget(String)
 
     /// The errno a FUSE reply carries for this error.
     public var errno: Int32 {
@@ -36,6 +38,7 @@ public enum BlockError: Error, Sendable, CustomStringConvertible, Equatable {
         case .pathRefused: return EACCES
         case .locked: return EBUSY
         case .notPermitted: return EPERM
+        case .overBudget: return ENOMEM
         }
     }
 
@@ -51,7 +54,7 @@ public enum BlockError: Error, Sendable, CustomStringConvertible, Equatable {
         case .pathRefused(let path, let reason): return "refused path '\(path)': \(reason)"
         case .chain(let reason): return reason
         case .locked(let path, let reason): return "\(path): cannot lock the image: \(reason)"
-        case .notPermitted(let reason): return reason
+        case .notPermitted(let reason), .overBudget(let reason): return reason
         }
     }
 }

@@ -274,7 +274,7 @@ public final class Qcow2Driver: BlockDriver {
             return true
         }
         guard reserved else {
-            throw BlockError.unsupported("\(file.path): snapshot '\(snapshot.name)': the open snapshots' L1 tables together would exceed \(Qcow2Limits.maxSnapshotL1Bytes >> 20) MiB; close another snapshot first")
+            throw BlockError.overBudget("\(file.path): snapshot '\(snapshot.name)': the open snapshots' L1 tables together would exceed \(Qcow2Limits.maxSnapshotL1Bytes >> 20) MiB; close another snapshot first")
         }
         do {
             let l1 = try await Qcow2ClusterMap.loadL1(file: file, offset: entry.l1TableOffset, entries: entry.l1Size)
