@@ -24,7 +24,7 @@ struct AsyncMutexTests {
                 }
             }
         }
-        for task in tasks { try await task.value }
+        for task in tasks { try await finish(task) }
         #expect(counter.value == 64 * 200)
         #expect(maxInside.value == 1)
     }
@@ -44,7 +44,7 @@ struct AsyncMutexTests {
             try await eventually { mutex.waiterCount == index + 1 }
         }
         mutex.unlock()
-        for task in tasks { try await task.value }
+        for task in tasks { try await finish(task) }
         #expect(order.all == Array(0..<16))
     }
 
@@ -62,7 +62,7 @@ struct AsyncMutexTests {
         // Still locked: owned by the waiter from the moment of unlock(), whether or not it has run yet.
         #expect(!mutex.tryLock())
         release.open()
-        try await waiter.value
+        try await finish(waiter)
         #expect(mutex.tryLock())
         mutex.unlock()
     }

@@ -5,7 +5,7 @@ import Testing
 @Suite(.timeLimit(.minutes(1)))
 struct AsyncWaitQueueTests {
     /// A waiter checks a flag under the mutex and waits; a signaller sets it under the mutex and signals. Random
-    /// yields move the signal into every gap the waiter has; a lost wakeup would hang a round (time limit).
+    /// yields move the signal into every gap the waiter has; a lost wakeup leaves a round hanging, reported by `finish`.
     @Test(arguments: SyncTestExecutor.allCases)
     func noLostWakeups(executor: SyncTestExecutor) async throws {
         for seed in UInt64(1)...300 {
@@ -29,8 +29,8 @@ struct AsyncWaitQueueTests {
                     if useSignalAll { queue.signalAll() } else { queue.signalOne() }
                 }
             }
-            try await waiter.value
-            try await signaller.value
+            try await finish(waiter)
+            try await finish(signaller)
             #expect(queue.isEmpty)
         }
     }
@@ -68,7 +68,7 @@ struct AsyncWaitQueueTests {
                     }
                 }
             }
-            for task in consumers + producers { try await task.value }
+            for task in consumers + producers { try await finish(task) }
             #expect(consumed.value == 400)
             #expect(available.value == 0)
         }
@@ -85,7 +85,7 @@ struct AsyncWaitQueueTests {
         }
         try await eventually { queue.waiterCount == 1 }
         #expect(queue.signalOne())
-        try await waiter.value
+        try await finish(waiter)
         #expect(woken.value)
     }
 
@@ -105,7 +105,7 @@ struct AsyncWaitQueueTests {
             #expect(queue.signalOne())
             try await eventually { order.count == woken }
         }
-        for task in tasks { try await task.value }
+        for task in tasks { try await finish(task) }
         #expect(order.all == Array(0..<8))
     }
 
@@ -114,7 +114,7 @@ struct AsyncWaitQueueTests {
         let tasks = (0..<10).map { _ in spawn(on: .io) { await queue.wait() } }
         try await eventually { queue.waiterCount == 10 }
         #expect(queue.signalAll() == 10)
-        for task in tasks { try await task.value }
+        for task in tasks { try await finish(task) }
         #expect(queue.isEmpty)
     }
 }

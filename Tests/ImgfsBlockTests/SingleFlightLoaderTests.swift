@@ -22,7 +22,7 @@ struct SingleFlightLoaderTests {
         // Every caller is either the one running the load or queued behind it before the load may finish.
         try await eventually { loader.waiterCount(for: 4096) == 31 }
         release.open()
-        for task in tasks { #expect(try await task.value == "table") }
+        for task in tasks { #expect(try await finish(task) == "table") }
         #expect(calls.withLock { $0 } == 1)
         #expect(!loader.isLoading(4096))
     }
@@ -44,7 +44,7 @@ struct SingleFlightLoaderTests {
         try await eventually { loader.waiterCount(for: 0) == 31 }
         release.open()
         for task in tasks {
-            await #expect(throws: LoadFailure.self) { try await task.value }
+            await #expect(throws: LoadFailure.self) { try await finish(task) }
         }
         #expect(calls.withLock { $0 } == 1)
         let retried = try await loader.load(0) {
@@ -66,8 +66,8 @@ struct SingleFlightLoaderTests {
                 }
             }
         }
-        #expect(try await tasks[0].value == 0)
-        #expect(try await tasks[1].value == 10)
+        #expect(try await finish(tasks[0]) == 0)
+        #expect(try await finish(tasks[1]) == 10)
     }
 
     @Test func aWaiterRetriesWhenTheLoadingTaskWasCancelled() async throws {
@@ -89,7 +89,7 @@ struct SingleFlightLoaderTests {
         try await eventually { loader.waiterCount(for: 1) == 1 }
         leader.cancel()
         cancelled.open()
-        await #expect(throws: CancellationError.self) { try await leader.value }
-        #expect(try await follower.value == 2)
+        await #expect(throws: CancellationError.self) { try await finish(leader) }
+        #expect(try await finish(follower) == 2)
     }
 }

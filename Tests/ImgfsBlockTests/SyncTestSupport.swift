@@ -79,10 +79,49 @@ final class UnguardedBox<Value>: @unchecked Sendable {
     init(_ value: Value) { self.value = value }
 }
 
+/// How long a test waits for something that should happen at once before calling it a hang. Generous, because
+/// the machine may be busy; it only bounds how long a broken primitive takes to fail.
+let hangDeadline: Duration = .seconds(30)
+
+/// A primitive under test left a task suspended for good (a lost wakeup, a deadlock).
+struct Hang: Error, CustomStringConvertible {
+    let what: String
+    var description: String { "hang: \(what) did not finish within \(hangDeadline)" }
+}
+
 /// Waits until `condition` holds. Polling is for state changes the test cannot be told about directly (a task
-/// reaching its suspension point); the suite's time limit turns a condition that never holds into a failure.
-func eventually(_ condition: () -> Bool) async throws {
+/// reaching its suspension point); it gives up with `Hang` after `hangDeadline`.
+func eventually(
+    _ condition: () -> Bool, sourceLocation: SourceLocation = #_sourceLocation
+) async throws {
+    let deadline = ContinuousClock.now + hangDeadline
     while !condition() {
+        if ContinuousClock.now > deadline { throw Hang(what: "condition at line \(sourceLocation.line)") }
         try await Task.sleep(nanoseconds: 200_000)
     }
+}
+
+/// The task's value, or `Hang` after `hangDeadline`. A suite's time limit cannot end a task stuck in a
+/// continuation nobody resumes (it ignores cancellation), so without this a lost wakeup would hang the whole run.
+func finish<T: Sendable>(
+    _ task: Task<T, any Error>, sourceLocation: SourceLocation = #_sourceLocation
+) async throws -> T {
+    let outcome = Locked<(done: Bool, watchdog: Task<Void, Never>?)>((false, nil))
+    let result: Result<T, any Error> = await withCheckedContinuation { continuation in
+        let resumeOnce: @Sendable (Result<T, any Error>) -> Void = { result in
+            let first = outcome.withLock { state -> Bool in
+                defer { state.done = true }
+                return !state.done
+            }
+            if first { continuation.resume(returning: result) }
+        }
+        let watchdog = Task {
+            try? await Task.sleep(for: hangDeadline)
+            resumeOnce(.failure(Hang(what: "task awaited at line \(sourceLocation.line)")))
+        }
+        outcome.withLock { $0.watchdog = watchdog }
+        Task { resumeOnce(await task.result) }
+    }
+    outcome.withLock { $0.watchdog }?.cancel()
+    return try result.get()
 }

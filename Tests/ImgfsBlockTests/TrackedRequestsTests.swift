@@ -47,7 +47,7 @@ struct TrackedRequestsTests {
         }
         #expect(tracker.waitingCount == 7)
         first.open()
-        for task in tasks { try await task.value }
+        for task in tasks { try await finish(task) }
         #expect(log.all == (0..<8).flatMap { [Event.enter($0), .exit($0)] })
         #expect(tracker.inFlightCount == 0)
     }
@@ -60,11 +60,11 @@ struct TrackedRequestsTests {
             spawn(on: executor) {
                 await tracker.withTracked(offset: offset, length: 4096, kind: .write, serialising: true,
                                           alignment: 4096) { _ in
-                    await bothInside.arriveAndWait()  // hangs (time limit) unless both are inside at once
+                    await bothInside.arriveAndWait()  // never returns (reported by `finish`) unless both are inside at once
                 }
             }
         }
-        for task in tasks { try await task.value }
+        for task in tasks { try await finish(task) }
     }
 
     @Test(arguments: SyncTestExecutor.allCases)
@@ -82,8 +82,8 @@ struct TrackedRequestsTests {
         #expect(tracker.waitingCount == 1)
         #expect(!entered(1, log))
         gate.open()
-        try await first.value
-        try await second.value
+        try await finish(first)
+        try await finish(second)
         #expect(log.all == [.enter(0), .exit(0), .enter(1), .exit(1)])
 
         // The same two requests with 512-byte alignment do not conflict.
@@ -94,7 +94,7 @@ struct TrackedRequestsTests {
                                           alignment: 512) { _ in await bothInside.arriveAndWait() }
             }
         }
-        for task in parallel { try await task.value }
+        for task in parallel { try await finish(task) }
     }
 
     @Test(arguments: SyncTestExecutor.allCases)
@@ -106,14 +106,14 @@ struct TrackedRequestsTests {
                           alignment: 4096, gate: gate)
         try await eventually { entered(0, log) }
         let disjointRead = start(1, tracker, on: executor, log: log, offset: 4096, length: 512, serialising: false)
-        try await disjointRead.value  // does not wait for the write
+        try await finish(disjointRead)  // does not wait for the write
         let read = start(2, tracker, on: executor, log: log, offset: 100, length: 10, serialising: false)
         try await eventually { tracker.inFlightCount == 2 }
         #expect(tracker.waitingCount == 1)
         #expect(!entered(2, log))
         gate.open()
-        try await write.value
-        try await read.value
+        try await finish(write)
+        try await finish(read)
         #expect(log.all == [.enter(0), .enter(1), .exit(1), .exit(0), .enter(2), .exit(2)])
     }
 
@@ -135,13 +135,13 @@ struct TrackedRequestsTests {
         try await eventually { tracker.inFlightCount == 3 }
         #expect(tracker.waitingCount == 2)
         firstGate.open()
-        try await firstWrite.value
+        try await finish(firstWrite)
         try await eventually { entered(1, log) }
         #expect(!entered(2, log))
         #expect(tracker.waitingCount == 1)
         readGate.open()
-        try await read.value
-        try await secondWrite.value
+        try await finish(read)
+        try await finish(secondWrite)
         #expect(log.all == [.enter(0), .exit(0), .enter(1), .exit(1), .enter(2), .exit(2)])
     }
 
@@ -172,16 +172,16 @@ struct TrackedRequestsTests {
 
         for id in 0..<2 {
             gates[id].open()
-            try await requests[id].value
+            try await finish(requests[id])
             #expect(tracker.drainWaiterCount == 1)
             #expect(!drainDone.withLock { $0 })
         }
         gates[2].open()
-        try await drain.value
+        try await finish(drain)
         #expect(drainDone.withLock { $0 })
         #expect(tracker.inFlightCount == 1)  // the late request, still running
         lateGate.open()
-        try await late.value
+        try await finish(late)
         await tracker.drain()  // nothing in flight: returns at once
     }
 
@@ -210,7 +210,7 @@ struct TrackedRequestsTests {
         let held = start(1, tracker, on: executor, log: log, offset: 1 << 30, length: 4096, serialising: false)
         try await eventually { tracker.heldCount == 1 }
         runningGate.open()
-        try await running.value
+        try await finish(running)
         try await eventually { entered(100, log) }
         // And one arriving inside the section.
         let alsoHeld = start(2, tracker, on: executor, log: log, offset: 8192, length: 4096, serialising: true)
@@ -218,9 +218,9 @@ struct TrackedRequestsTests {
         #expect(!entered(1, log) && !entered(2, log))
 
         sectionGate.open()
-        try await section.value
-        try await held.value
-        try await alsoHeld.value
+        try await finish(section)
+        try await finish(held)
+        try await finish(alsoHeld)
         let events = log.all
         #expect(Array(events.prefix(4)) == [.enter(0), .exit(0), .enter(100), .exit(100)])
         #expect(Set(events.dropFirst(4).map(\.description)) == ["enter 1", "exit 1", "enter 2", "exit 2"])
@@ -249,21 +249,21 @@ struct TrackedRequestsTests {
         }
         try await eventually { tracker.waitingCount == 1 }
         below.open()
-        try await requestBelow.value
+        try await finish(requestBelow)
         #expect(!entered(10, log))  // still waiting for the request above the new end
         above.open()
-        try await requestAbove.value
+        try await finish(requestAbove)
         try await eventually { entered(10, log) }
 
         // While the truncate runs, a request far past the end waits; one below the lower length does not.
         let far = start(2, tracker, on: executor, log: log, offset: 1 << 40, length: 512, serialising: false)
         let near = start(3, tracker, on: executor, log: log, offset: 512, length: 512, serialising: false)
-        try await near.value
+        try await finish(near)
         try await eventually { tracker.waitingCount == 1 }
         #expect(!entered(2, log))
         truncateGate.open()
-        try await truncate.value
-        try await far.value
+        try await finish(truncate)
+        try await finish(far)
     }
 
     /// Random mixes of requests: conflicting requests (overlapping, at least one serialising) are never inside at
@@ -297,7 +297,7 @@ struct TrackedRequestsTests {
                     }
                 }
             }
-            for task in tasks { try await task.value }
+            for task in tasks { try await finish(task) }
             #expect(violations.withLock { $0 } == 0)
             #expect(tracker.inFlightCount == 0 && tracker.waitingCount == 0)
         }
