@@ -139,7 +139,7 @@ import Testing
         let scratch = try QemuScratch()
         for name in ["d.qcow2", "d.vmdk", "empty.QCOW2"] {
             let bytes = name.hasPrefix("empty") ? [] : [UInt8](repeating: 0x5A, count: 4096)
-            FileManager.default.createFile(atPath: scratch.path(name), contents: Data(bytes))
+            _ = FileManager.default.createFile(atPath: scratch.path(name), contents: Data(bytes))
             await #expect {
                 _ = try await ImageOpener.open(scratch.path(name), options: OpenOptions(readOnly: true, pathPolicy: try PathPolicy()))
             } throws: { error in
