@@ -18,12 +18,13 @@ final class Qcow2L2Table: Sendable {
 
 /// A bounded least-recently-used cache of L2 tables keyed by their host offset.
 ///
-/// Two tasks missing the same table at once may both load it; the second insert just replaces the first,
-/// which is cheaper than making readers wait on each other's I/O.
+/// Tasks missing the same table at once share one load (a sequential reader's readahead and its next request
+/// often miss together), so a table is read once however many wait for it.
 final class Qcow2L2Cache: Sendable {
     /// Tables kept at most.
     let capacity: Int
     private let state: Locked<LRUList<Int64, Qcow2L2Table>>
+    private let loads = SingleFlightLoader<Int64, Qcow2L2Table>()
 
     init(capacity: Int) {
         self.capacity = max(1, capacity)
@@ -54,11 +55,15 @@ final class Qcow2L2Cache: Sendable {
     /// The table at `offset`, loading it from `file` on a miss.
     func table(at offset: Int64, clusterSize: Int, file: HostFile) async throws -> Qcow2L2Table {
         if let table = cached(at: offset) { return table }
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterSize, alignment: 16)
-        defer { buffer.deallocate() }
-        try await file.readExactly(into: buffer, at: offset)
-        let table = Qcow2L2Table(bigEndianBytes: UnsafeRawBufferPointer(buffer))
-        insert(table, at: offset)
-        return table
+        return try await loads.load(offset) {
+            // A load that finished while this caller looked for the flight has inserted it already.
+            if let table = cached(at: offset) { return table }
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: clusterSize, alignment: 16)
+            defer { buffer.deallocate() }
+            try await file.readExactly(into: buffer, at: offset)
+            let table = Qcow2L2Table(bigEndianBytes: UnsafeRawBufferPointer(buffer))
+            insert(table, at: offset)
+            return table
+        }
     }
 }
