@@ -66,8 +66,9 @@ public final class UringIOEngine: IOEngine {
             let result = await ring.perform(operation)
             if result >= 0 { return Int(result) }
             if result == -EINTR { continue }
-            // A regular file answers EAGAIN only transiently; a descriptor opened O_NONBLOCK keeps answering it,
-            // so give up after a few tries rather than spin.
+            // io_uring normally retries internally (pipes, even O_NONBLOCK ones, wait for data); an EAGAIN that
+            // still reaches us is transient, but a bounded number of resubmissions keeps a persistent one from
+            // spinning forever.
             if result == -EAGAIN && eagainRetries < 8 {
                 eagainRetries += 1
                 continue
