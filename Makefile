@@ -14,10 +14,12 @@ build: deps
 release: deps
 	$(SWIFT) build -c release
 
-# Builds, then runs every test (mount tests need /dev/fuse and root or fusermount3).
+# Builds, then runs every test (mount tests need /dev/fuse and root or fusermount3): once with the host I/O
+# engine chosen at start (io_uring where the kernel allows it), once with the thread-pool fallback forced.
 test: deps
 	$(SWIFT) build
 	$(SWIFT) test
+	IMGFS_IO_ENGINE=threads $(SWIFT) test
 
 # Builds imgfs, makes a small qcow2 with an ext4 file system and a snapshot, mounts it and shows it.
 demo: deps

@@ -19,12 +19,15 @@ let package = Package(
                        providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CDeflate", path: "Sources/CDeflate", pkgConfig: "libdeflate",
                        providers: [.apt(["libdeflate-dev"])]),
+        // io_uring: host I/O whose queue depth does not depend on the number of threads.
+        .systemLibrary(name: "CUring", path: "Sources/CUring", pkgConfig: "liburing",
+                       providers: [.apt(["liburing-dev"])]),
         // The only C in the project: libfuse3's low-level callbacks forwarded to Swift.
         .target(name: "CFuseBridge", path: "Sources/CFuseBridge",
                 linkerSettings: [.linkedLibrary("fuse3")]),
         // Block layer: drivers, chains, caches. No FUSE here.
         .target(name: "ImgfsBlock",
-                dependencies: ["CZstd", "CDeflate", .product(name: "Logging", package: "swift-log")],
+                dependencies: ["CZstd", "CDeflate", "CUring", .product(name: "Logging", package: "swift-log")],
                 path: "Sources/ImgfsBlock"),
         // FUSE adapter over the block layer.
         .target(name: "ImgfsFUSE",

@@ -35,6 +35,8 @@ struct MountCommand: ParsableCommand {
     @Option(name: .long, help: "Bytes of qcow2 L2 tables cached per image (suffixes K, M, G); default: all of the disk's tables, up to 32M (which maps 256 GiB at 64 KiB clusters).")
     var l2CacheSize: ByteCount?
     @Option(name: .long, help: "Threads doing blocking I/O and decompression.") var ioThreads = 4
+    @Option(name: .long, help: "Host I/O engine: uring or threads; default: uring when the kernel allows it (or $IMGFS_IO_ENGINE).")
+    var ioEngine: IOEngineKind?
     @Option(name: .long, help: "Threads reading requests from /dev/fuse.") var fuseThreads = 2
     @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .warning
@@ -71,6 +73,13 @@ struct MountCommand: ParsableCommand {
         let server: FuseServer
         let node: BlockNode
         do {
+            let engine: IOEngineKind
+            do { engine = try SharedIOEngine.configure(ioEngine) } catch {
+                report.failure("cannot start the \(ioEngine?.rawValue ?? "host I/O") engine: \(error)",
+                               status: ExitStatus.mountError.rawValue)
+                throw ExitStatus.mountError
+            }
+            Logger(label: "imgfs").notice("host I/O engine: \(engine.rawValue)")
             let imagePath = try absolute(image, what: "image")
             let mountPath: String
             switch Mountpoint.check(mountpoint) {
@@ -122,6 +131,7 @@ struct MountCommand: ParsableCommand {
 }
 
 extension ImageFormat: ExpressibleByArgument {}
+extension IOEngineKind: ExpressibleByArgument {}
 
 /// A byte count given as `65536`, `64K`, `32M` or `1G`.
 struct ByteCount: ExpressibleByArgument {

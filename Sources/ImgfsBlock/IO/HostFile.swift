@@ -4,13 +4,15 @@ import Glibc
 
 /// A file on the host: the protocol layer under every format driver.
 ///
-/// Thin typed wrappers over `pread`/`pwrite`/`fdatasync`/`fallocate`/`lseek`. The async methods run their system
-/// call on an `IOExecutor` thread (inline when already on one), never on Swift's cooperative pool.
+/// Thin typed wrappers over `pread`/`pwrite`/`fdatasync`/`fallocate`/`lseek`. The async methods go through an
+/// `IOEngine` (io_uring, or an `IOExecutor` thread), never blocking Swift's cooperative pool; the synchronous ones
+/// are for code already on a thread that may block.
 public final class HostFile: Sendable {
     public let path: String
     public let descriptor: Int32
     public let isReadOnly: Bool
     public let executor: IOExecutor
+    public let engine: any IOEngine
 
     /// The (device, inode) pair, used to detect a backing chain that names a file twice.
     public struct Identity: Hashable, Sendable {
@@ -20,7 +22,8 @@ public final class HostFile: Sendable {
 
     /// Opens a regular file or block device; anything else (a FIFO, a socket, a directory) is refused before it
     /// can block the open or a read.
-    public static func open(_ path: String, readOnly: Bool, executor: IOExecutor = .shared) throws -> HostFile {
+    public static func open(_ path: String, readOnly: Bool, executor: IOExecutor = .shared,
+                            engine: any IOEngine = SharedIOEngine.engine) throws -> HostFile {
         // O_NONBLOCK keeps open() of a FIFO from waiting for a writer; it is cleared once the type is known.
         let fd = Glibc.open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
         if fd < 0 { throw BlockError.system(errno: errno, operation: "open", path: path) }
@@ -42,7 +45,7 @@ public final class HostFile: Sendable {
             Glibc.close(fd)
             throw BlockError.system(errno: e, operation: "fcntl", path: path)
         }
-        return HostFile(path: path, descriptor: fd, readOnly: readOnly, executor: executor)
+        return HostFile(path: path, descriptor: fd, readOnly: readOnly, executor: executor, engine: engine)
     }
 
     private static func fileTypeName(_ type: mode_t) -> String {
@@ -55,11 +58,12 @@ public final class HostFile: Sendable {
         }
     }
 
-    init(path: String, descriptor: Int32, readOnly: Bool, executor: IOExecutor) {
+    init(path: String, descriptor: Int32, readOnly: Bool, executor: IOExecutor, engine: any IOEngine) {
         self.path = path
         self.descriptor = descriptor
         self.isReadOnly = readOnly
         self.executor = executor
+        self.engine = engine
     }
 
     deinit { Glibc.close(descriptor) }
@@ -153,30 +157,67 @@ public final class HostFile: Sendable {
         return Int64(r)
     }
 
-    // MARK: Async calls, from any context.
+    // MARK: Async calls, from any context, through the engine.
 
-    // Each checks for an I/O thread first so the hot path neither allocates a closure nor hops.
-
+    /// Reads as much as the file has; returns the count (short only at end of file).
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) async throws -> Int {
-        if IOExecutor.isCurrentThreadIOThread { return try preadSome(buffer, at: offset) }
-        let b = UncheckedSendable(buffer)
-        return try await executor.perform { try self.preadSome(b.value, at: offset) }
+        var done = 0
+        while done < buffer.count {
+            let rest = UnsafeMutableRawBufferPointer(rebasing: buffer[done...])
+            let n = try await retryingEINTR {
+                try await engine.read(fd: descriptor, into: rest, at: offset + Int64(done), path: path)
+            }
+            if n == 0 { break }
+            done += n
+        }
+        return done
     }
 
+    /// Reads exactly `buffer.count` bytes; a short read means the image claims data the file does not hold.
     public func readExactly(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) async throws {
-        if IOExecutor.isCurrentThreadIOThread { return try preadExactly(buffer, at: offset) }
-        let b = UncheckedSendable(buffer)
-        try await executor.perform { try self.preadExactly(b.value, at: offset) }
+        let n = try await read(into: buffer, at: offset)
+        if n != buffer.count {
+            throw BlockError.corrupt("\(path): \(buffer.count) bytes at offset \(offset) lie past the end of the file")
+        }
     }
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: Int64) async throws {
-        if IOExecutor.isCurrentThreadIOThread { return try pwriteAll(buffer, at: offset) }
-        let b = UncheckedSendable(buffer)
-        try await executor.perform { try self.pwriteAll(b.value, at: offset) }
+        guard !isReadOnly else { throw BlockError.readOnly }
+        var done = 0
+        while done < buffer.count {
+            let rest = UnsafeRawBufferPointer(rebasing: buffer[done...])
+            let n = try await retryingEINTR {
+                try await engine.write(fd: descriptor, from: rest, at: offset + Int64(done), path: path)
+            }
+            // pwrite returns 0 for a non-empty buffer only on a broken file system; never loop on it.
+            if n == 0 { throw BlockError.system(errno: EIO, operation: "write", path: path) }
+            done += n
+        }
     }
 
     public func flush() async throws {
-        try await executor.perform { try self.syncData() }
+        guard !isReadOnly else { return }
+        try await retryingEINTR { try await engine.fdatasync(fd: descriptor, path: path) }
+    }
+
+    /// fallocate with the given Linux mode bits; returns false when the file system does not support the mode.
+    public func fallocate(mode: Int32, offset: Int64, length: Int64) async throws -> Bool {
+        guard !isReadOnly else { throw BlockError.readOnly }
+        do {
+            try await retryingEINTR {
+                try await engine.fallocate(fd: descriptor, mode: mode, offset: offset, length: length, path: path)
+            }
+            return true
+        } catch let BlockError.system(code, _, _) where code == EOPNOTSUPP || code == ENOSYS {
+            return false
+        }
+    }
+
+    /// Engines retry EINTR themselves; this keeps a future engine that does not from failing a request.
+    private func retryingEINTR<T>(_ body: () async throws -> T) async throws -> T {
+        while true {
+            do { return try await body() } catch let BlockError.system(code, _, _) where code == EINTR { continue }
+        }
     }
 
     private func failure(_ operation: String) -> BlockError {

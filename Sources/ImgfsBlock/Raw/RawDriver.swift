@@ -64,23 +64,18 @@ public final class RawDriver: BlockDriver {
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, mayUnmap: Bool) async throws {
-        let file = self.file
-        try await file.executor.perform {
-            let keep = FallocateMode.keepSize
-            if mayUnmap, try file.fallocateRange(mode: FallocateMode.punchHole | keep, offset: offset, length: length) {
-                return
-            }
-            if try file.fallocateRange(mode: FallocateMode.zeroRange | keep, offset: offset, length: length) { return }
-            try Self.writeZeroBytes(file, offset: offset, length: length)
+        let keep = FallocateMode.keepSize
+        if mayUnmap, try await file.fallocate(mode: FallocateMode.punchHole | keep, offset: offset, length: length) {
+            return
         }
+        if try await file.fallocate(mode: FallocateMode.zeroRange | keep, offset: offset, length: length) { return }
+        try await Self.writeZeroBytes(file, offset: offset, length: length)
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
-        let file = self.file
         // Discard is advisory; a file system without hole punching simply keeps the data.
-        _ = try await file.executor.perform {
-            try file.fallocateRange(mode: FallocateMode.punchHole | FallocateMode.keepSize, offset: offset, length: length)
-        }
+        _ = try await file.fallocate(mode: FallocateMode.punchHole | FallocateMode.keepSize, offset: offset,
+                                     length: length)
     }
 
     public func flush() async throws {
@@ -113,7 +108,7 @@ public final class RawDriver: BlockDriver {
 
     public func formatInfo() -> [String: InfoValue] { [:] }
 
-    static func writeZeroBytes(_ file: HostFile, offset: Int64, length: Int64) throws {
+    static func writeZeroBytes(_ file: HostFile, offset: Int64, length: Int64) async throws {
         let chunk = Int(min(length, 1 << 20))
         let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 16)
         defer { zeros.deallocate() }
@@ -121,7 +116,7 @@ public final class RawDriver: BlockDriver {
         var done: Int64 = 0
         while done < length {
             let n = Int(min(Int64(chunk), length - done))
-            try file.pwriteAll(UnsafeRawBufferPointer(rebasing: zeros[..<n]), at: offset + done)
+            try await file.write(UnsafeRawBufferPointer(rebasing: zeros[..<n]), at: offset + done)
             done += Int64(n)
         }
     }
