@@ -65,11 +65,8 @@ public enum ImageLock {
 
     /// Gives up every lock byte `lock` may have taken.
     public static func unlock(_ file: HostFile) {
-        var request = flock()
-        request.l_type = Int16(F_UNLCK)
-        request.l_whence = Int16(SEEK_SET)
-        request.l_start = off_t(permissionBase)
-        request.l_len = off_t(unsharedBase + Int64(ImagePermissions.all.count) - permissionBase)
+        var request = range(Int32(F_UNLCK), from: permissionBase,
+                            count: unsharedBase + Int64(ImagePermissions.all.count) - permissionBase)
         _ = fcntl(file.descriptor, setOFDLock, &request)
     }
 
@@ -77,12 +74,17 @@ public enum ImageLock {
     private static let getOFDLock: Int32 = 36
     private static let setOFDLock: Int32 = 37
 
-    private static func setReadLock(_ file: HostFile, at byte: Int64) throws {
+    private static func range(_ type: Int32, from start: Int64, count: Int64 = 1) -> flock {
         var request = flock()
-        request.l_type = Int16(F_RDLCK)
+        request.l_type = Int16(type)
         request.l_whence = Int16(SEEK_SET)
-        request.l_start = off_t(byte)
-        request.l_len = 1
+        request.l_start = off_t(start)
+        request.l_len = off_t(count)
+        return request
+    }
+
+    private static func setReadLock(_ file: HostFile, at byte: Int64) throws {
+        var request = range(Int32(F_RDLCK), from: byte)
         guard fcntl(file.descriptor, setOFDLock, &request) == 0 else {
             let e = errno
             // A writer of another open holds a conflicting write lock on the byte: a conflict, not a failure.
@@ -93,12 +95,9 @@ public enum ImageLock {
         }
     }
 
+    /// Whether another open file description holds any lock on `byte` (a write-lock probe conflicts with all).
     private static func isLockedByOthers(_ file: HostFile, at byte: Int64) throws -> Bool {
-        var probe = flock()
-        probe.l_type = Int16(F_WRLCK)
-        probe.l_whence = Int16(SEEK_SET)
-        probe.l_start = off_t(byte)
-        probe.l_len = 1
+        var probe = range(Int32(F_WRLCK), from: byte)
         guard fcntl(file.descriptor, getOFDLock, &probe) == 0 else {
             throw BlockError.system(errno: errno, operation: "test lock", path: file.path)
         }
