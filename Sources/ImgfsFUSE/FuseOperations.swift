@@ -153,7 +153,7 @@ extension FuseServer {
             // Punching must leave zeros behind (QEMU 7.2's export loses unaligned punches): write-zeroes does.
             let unmap = mode & FallocateMode.punchHole != 0
             beginAsync(request) {
-                try await file.node.writeZeroes(at: offset, length: end - offset, mayUnmap: unmap)
+                try await file.node.writeZeroes(at: offset, length: end - offset, flags: unmap ? [.mayUnmap] : [])
                 request.succeed()
             }
         default:

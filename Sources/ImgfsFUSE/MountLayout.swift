@@ -22,8 +22,9 @@ public enum MountLayout {
         let files = zip(snapshots, snapshotFileNames(snapshots)).map { snapshot, name in
             ExportedFile(name: name, lazy: LazyBlockNode(length: snapshot.diskSize) {
                 let driver = try await node.driver.openSnapshot(snapshot)
-                return BlockNode(path: "\(node.path)@\(snapshot.name)", driver: driver, file: nil,
-                                 backing: node.backing, readOnly: true, ownsBacking: false)
+                // The view shares the image's children: a repointed backing file is the view's too.
+                return BlockNode(path: "\(node.path)@\(snapshot.name)", driver: driver, children: node.children,
+                                 readOnly: true, ownsChildren: false)
             })
         }
         return MountDirectory(files: [main], directories: [("snapshots", MountDirectory(files: files))])

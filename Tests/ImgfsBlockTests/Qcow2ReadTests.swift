@@ -250,7 +250,7 @@ private func expectSameAsQemu(_ scratch: QemuScratch, _ image: String, chunk: In
         bytes.initializeMemory(as: UInt8.self, repeating: 1)
         let source = UncheckedSendable(UnsafeRawBufferPointer(bytes))
         await #expect(throws: BlockError.unsupported("qcow2 writing is not implemented yet")) {
-            try await readWrite.write(at: 0, from: source.value)
+            try await readWrite.write(at: 0, from: source.value, flags: [])
         }
         // Through the opener a qcow2 opens read-only for now, whatever was asked.
         let viaOpener = try await openImage(scratch.path("w.qcow2"), readOnly: false)

@@ -123,7 +123,7 @@ import Testing
         let node = try await openImage(scratch.path("o.qcow2"))
         let snapshot = try #require(node.driver.snapshots.first)
         let view = try await node.driver.openSnapshot(snapshot)
-        let viewNode = BlockNode(path: node.path, driver: view, file: nil, backing: nil, readOnly: true)
+        let viewNode = BlockNode(path: node.path, driver: view, children: node.children, readOnly: true, ownsChildren: false)
         #expect(try await readAll(viewNode) == (try scratch.rawContents("o.qcow2", snapshot: "s1")))
         await #expect(throws: BlockError.readOnly) { try await view.discard(at: 0, length: 512) }
     }

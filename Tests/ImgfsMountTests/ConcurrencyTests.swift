@@ -34,8 +34,10 @@ final class SlowReadDriver: BlockDriver {
         for i in 0..<buffer.count { buffer[i] = UInt8((offset + Int64(i)) % 251) }
     }
 
-    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws { throw BlockError.readOnly }
-    func writeZeroes(at offset: Int64, length: Int64, mayUnmap: Bool) async throws { throw BlockError.readOnly }
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags) async throws {
+        throw BlockError.readOnly
+    }
+    func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags) async throws { throw BlockError.readOnly }
     func discard(at offset: Int64, length: Int64) async throws { throw BlockError.readOnly }
     func flush() async throws {}
     func blockStatus(at offset: Int64, length: Int64) async throws -> BlockStatus {

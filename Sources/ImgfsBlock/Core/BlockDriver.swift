@@ -9,14 +9,21 @@ public protocol BlockDriver: AnyObject, Sendable {
     var isReadOnly: Bool { get }
     /// The backing file this image names, if any; the opener resolves and opens it.
     var backingReference: BackingReference? { get }
+    /// What requests the driver serves best.
+    var limits: BlockLimits { get }
+    /// Whether a write is a single host write with nothing to wait for (no metadata, no locks), so a caller that
+    /// must not wait long (a FUSE loop thread) may still do it itself.
+    var writesInPlace: Bool { get }
 
-    /// Gives the driver its opened backing chain, once, before any I/O.
-    func attachBacking(_ backing: BlockNode)
+    /// Gives the driver its node's children, once, before any I/O; the driver keeps no copy of any link.
+    func attach(_ children: BlockChildren)
 
     func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws
-    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws
-    /// Makes the range read as zeros; `mayUnmap` lets the driver free the storage behind it.
-    func writeZeroes(at offset: Int64, length: Int64, mayUnmap: Bool) async throws
+    /// Writes; `.fua` arrives only if the driver handles it (the node flushes after the write otherwise).
+    func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags) async throws
+    /// Makes the range read as zeros; `.mayUnmap` lets the driver free the storage behind it, `.noFallback`
+    /// asks for `.unsupported` rather than writing zero bytes.
+    func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags) async throws
     /// Tells the driver the range's content is no longer needed (advisory; it may read back as anything).
     func discard(at offset: Int64, length: Int64) async throws
     /// Makes every completed write durable.
@@ -26,6 +33,11 @@ public protocol BlockDriver: AnyObject, Sendable {
     func truncate(to length: Int64) async throws
     /// Flushes what must be flushed and releases the driver's resources.
     func close() async throws
+    /// Switches between read-only and read-write once the node has drained and reopened its file; throws when
+    /// the format cannot be written.
+    func reopen(readOnly: Bool) async throws
+    /// Whether the driver makes `.fua` writes durable itself.
+    var handlesFUA: Bool { get }
 
     /// Format-specific facts for `imgfs info`, named as `qemu-img info --output=json` names them.
     func formatInfo() -> [String: InfoValue]
@@ -39,7 +51,13 @@ public protocol BlockDriver: AnyObject, Sendable {
 
 extension BlockDriver {
     public var backingReference: BackingReference? { nil }
-    public func attachBacking(_ backing: BlockNode) {}
+    public var limits: BlockLimits { BlockLimits() }
+    public var writesInPlace: Bool { false }
+    public var handlesFUA: Bool { false }
+    public func attach(_ children: BlockChildren) {}
+    public func reopen(readOnly: Bool) async throws {
+        if !readOnly { throw BlockError.unsupported("\(format.rawValue) images cannot be written by imgfs yet") }
+    }
     public func formatInfo() -> [String: InfoValue] { [:] }
     public var openWarnings: [String] { [] }
     public var snapshots: [SnapshotDescriptor] { [] }

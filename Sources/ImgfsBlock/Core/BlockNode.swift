@@ -1,82 +1,108 @@
-/// One image in a chain: a format driver over its host file, with an optional backing node below it.
+/// One image in a chain: a format driver over its children (host file, backing node), as QEMU's
+/// BlockDriverState is.
 ///
-/// The FUSE layer and the CLI talk to nodes, never to drivers: the node clamps ranges to the disk, zero-fills
-/// reads past a shorter backing file, refuses writes when read-only, and walks the chain for block status.
+/// The FUSE layer and the CLI talk to nodes, never to drivers. Every request passes through the node, which
+/// clamps it to the disk, refuses writes when read-only, registers it as a tracked request (so serialising
+/// requests and truncates wait for what overlaps them, and `drain` knows what is in flight), emulates FUA, and
+/// walks the chain for block status. Drivers read their backing through its node too, so whatever a node adds
+/// (tracking now, throttling and dirty bitmaps later) sees every request.
 public final class BlockNode: Sendable {
     /// The image file's path as the user or the parent image named it (after path-policy resolution).
     public let path: String
     public let driver: BlockDriver
-    /// The protocol layer (nil for views such as a snapshot that share their parent's file).
-    public let file: HostFile?
-    public let backing: BlockNode?
-    public let isReadOnly: Bool
-    /// Whether closing this node closes its backing chain; a view (a snapshot) shares its image's chain.
-    private let ownsBacking: Bool
+    public let children: BlockChildren
+    /// Requests in flight on this node.
+    public let requests = TrackedRequests()
     /// What the user should hear about this image: problems that did not stop the open, probing.
     public let warnings: [String]
+    /// Whether closing this node closes its children; a view (a snapshot) shares its image's.
+    private let ownsChildren: Bool
+    private let readOnlyState: Locked<Bool>
 
-    public init(path: String, driver: BlockDriver, file: HostFile?, backing: BlockNode?, readOnly: Bool,
-                ownsBacking: Bool = true, warnings: [String] = []) {
+    public init(path: String, driver: BlockDriver, children: BlockChildren, readOnly: Bool,
+                ownsChildren: Bool = true, warnings: [String] = []) {
         self.path = path
-        self.warnings = warnings + driver.openWarnings
         self.driver = driver
-        self.file = file
-        self.backing = backing
-        self.ownsBacking = ownsBacking
-        self.isReadOnly = readOnly || driver.isReadOnly
-        if let backing { driver.attachBacking(backing) }
+        self.children = children
+        self.ownsChildren = ownsChildren
+        self.warnings = warnings + driver.openWarnings
+        self.readOnlyState = Locked(readOnly || driver.isReadOnly)
+        driver.attach(children)
+    }
+
+    public convenience init(path: String, driver: BlockDriver, file: HostFile?, backing: BlockNode?,
+                            readOnly: Bool, warnings: [String] = []) {
+        self.init(path: path, driver: driver, children: BlockChildren(file: file, backing: backing),
+                  readOnly: readOnly, warnings: warnings)
     }
 
     public var length: Int64 { driver.length }
     public var format: ImageFormat { driver.format }
+    public var file: HostFile? { children.file }
+    public var backing: BlockNode? { children.backing }
+    public var isReadOnly: Bool { readOnlyState.withLock { $0 } }
+    public var limits: BlockLimits { driver.limits }
+
+    // MARK: Requests
 
     /// Reads inside the disk; the range must not pass `length`.
-    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+    public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer,
+                     flags: BlockRequestFlags = []) async throws {
         try checkRange(offset, Int64(buffer.count))
         if buffer.isEmpty { return }
-        try await driver.read(at: offset, into: buffer)
+        try await tracked(offset, Int64(buffer.count), .read, flags) {
+            try await driver.read(at: offset, into: buffer)
+        }
     }
 
     /// Reads up to `buffer.count` bytes, fewer where the disk ends (it may have shrunk since the caller looked);
     /// returns how many were read.
     public func readUpTo(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws -> Int {
         guard offset >= 0 else { throw BlockError.outOfRange(offset: offset, length: Int64(buffer.count), size: length) }
-        let count = Int(max(0, min(Int64(buffer.count), length - offset)))
-        if count > 0 { try await driver.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<count])) }
-        return count
+        return try await requests.withTracked(offset: offset, length: Int64(buffer.count), kind: .read) { _ in
+            // Looked at once registered: a truncate that shrinks the disk waits for this read, or this read for it.
+            let count = Int(max(0, min(Int64(buffer.count), length - offset)))
+            if count > 0 { try await driver.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<count])) }
+            return count
+        }
     }
 
     /// Reads any range: bytes past the end of this disk read as zeros. Drivers call this on their backing node.
     public func readZeroPadded(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
-        let size = length
-        let inside = max(0, min(Int64(buffer.count), size - offset))
-        if inside < Int64(buffer.count) {
-            UnsafeMutableRawBufferPointer(rebasing: buffer[Int(inside)...]).initializeMemory(as: UInt8.self, repeating: 0)
-        }
-        if inside > 0 {
-            try await driver.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<Int(inside)]))
+        let count = try await readUpTo(at: offset, into: buffer)
+        if count < buffer.count {
+            UnsafeMutableRawBufferPointer(rebasing: buffer[count...]).initializeMemory(as: UInt8.self, repeating: 0)
         }
     }
 
-    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws {
-        guard !isReadOnly else { throw BlockError.readOnly }
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags = []) async throws {
+        try checkWritable()
         try checkRange(offset, Int64(buffer.count))
         if buffer.isEmpty { return }
-        try await driver.write(at: offset, from: buffer)
+        try await tracked(offset, Int64(buffer.count), .write, flags) {
+            let emulateFUA = flags.contains(.fua) && !driver.handlesFUA
+            try await driver.write(at: offset, from: buffer, flags: emulateFUA ? flags.subtracting(.fua) : flags)
+            if emulateFUA { try await driver.flush() }
+        }
     }
 
-    public func writeZeroes(at offset: Int64, length: Int64, mayUnmap: Bool) async throws {
-        guard !isReadOnly else { throw BlockError.readOnly }
+    public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags = []) async throws {
+        try checkWritable()
         try checkRange(offset, length)
         if length == 0 { return }
-        try await driver.writeZeroes(at: offset, length: length, mayUnmap: mayUnmap)
+        try await tracked(offset, length, .writeZeroes, flags) {
+            try await driver.writeZeroes(at: offset, length: length, flags: flags.subtracting(.fua))
+            if flags.contains(.fua) { try await driver.flush() }
+        }
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
-        guard !isReadOnly else { throw BlockError.readOnly }
+        try checkWritable()
         try checkRange(offset, length)
         if length == 0 { return }
-        try await driver.discard(at: offset, length: length)
+        try await tracked(offset, length, .discard, []) {
+            try await driver.discard(at: offset, length: length)
+        }
     }
 
     public func flush() async throws {
@@ -84,11 +110,46 @@ public final class BlockNode: Sendable {
         try await driver.flush()
     }
 
+    /// Changes the disk's size once every request overlapping the changed range has ended; requests that arrive
+    /// meanwhile wait for it.
     public func truncate(to newLength: Int64) async throws {
-        guard !isReadOnly else { throw BlockError.readOnly }
+        try checkWritable()
         guard newLength >= 0 else { throw BlockError.outOfRange(offset: newLength, length: 0, size: length) }
-        try await driver.truncate(to: newLength)
+        let alignment = Int64(max(1, limits.granularity))
+        try await requests.withTruncate(from: length, to: newLength, alignment: alignment) { _ in
+            try await driver.truncate(to: newLength)
+        }
     }
+
+    /// Waits until every request that began before the call has ended.
+    public func drain() async {
+        await requests.drain()
+    }
+
+    /// Runs `body` with nothing in flight on this node and every new request held until it returns.
+    public func drained<T>(_ body: () async throws -> T) async rethrows -> T {
+        try await requests.drained { try await body() }
+    }
+
+    /// Switches the node between read-only and read-write: drains it, reopens its host file in the new mode
+    /// (the same file, never a new lookup of its name), takes the matching image locks, and tells the driver.
+    public func reopen(readOnly: Bool) async throws {
+        try await drained {
+            guard readOnly != isReadOnly else { return }
+            if !readOnly && !driver.format.isWritableByImgfs {
+                throw BlockError.unsupported("\(path): \(driver.format.rawValue) images cannot be written by imgfs yet")
+            }
+            if readOnly { try await driver.flush() }
+            if let file = children.file {
+                try file.reopen(readOnly: readOnly)
+                try ImageLock.lock(file, mode: readOnly ? .readOnly : .readWrite)
+            }
+            try await driver.reopen(readOnly: readOnly)
+            readOnlyState.withLock { $0 = readOnly }
+        }
+    }
+
+    // MARK: Chain
 
     /// Block status through the chain, as `qemu-img map` and SEEK_DATA/SEEK_HOLE need it.
     public func chainBlockStatus(at offset: Int64, length: Int64) async throws -> ChainBlockStatus {
@@ -103,7 +164,9 @@ public final class BlockNode: Sendable {
             let status = try await current.driver.blockStatus(at: offset, length: min(limit, current.length - offset))
             let run = max(1, min(limit, status.length))
             switch status.kind {
-            case .data: return ChainBlockStatus(kind: .data, length: run, depth: depth, hostOffset: status.hostOffset)
+            case .data:
+                return ChainBlockStatus(kind: .data, length: run, depth: depth, hostOffset: status.hostOffset,
+                                        file: status.file)
             case .zero: return ChainBlockStatus(kind: .zero, length: run, depth: depth, hostOffset: nil)
             case .unallocated:
                 limit = run
@@ -114,12 +177,14 @@ public final class BlockNode: Sendable {
         return ChainBlockStatus(kind: .hole, length: limit, depth: depth, hostOffset: nil)
     }
 
-    /// Closes this node and every node below it that it owns.
+    /// Closes this node and, if it owns them, the nodes below it.
     public func close() async throws {
+        await drain()
         try await driver.close()
+        guard ownsChildren else { return }
         // The descriptor lives as long as any reference to the file, but the image is free for others now.
-        if let file { ImageLock.unlock(file) }
-        if ownsBacking { try await backing?.close() }
+        if let file = children.file { ImageLock.unlock(file) }
+        for (_, child) in children.nodes { try await child.close() }
     }
 
     /// The nodes of the chain from this one down.
@@ -131,6 +196,22 @@ public final class BlockNode: Sendable {
             node = current.backing
         }
         return nodes
+    }
+
+    // MARK: Helpers
+
+    /// Runs `body` as a tracked request; serialising ones cover whole allocation units.
+    private func tracked(_ offset: Int64, _ length: Int64, _ kind: TrackedRequestKind, _ flags: BlockRequestFlags,
+                         _ body: () async throws -> Void) async throws {
+        let serialising = flags.contains(.serialising) || flags.contains(.copyOnRead)
+        try await requests.withTracked(offset: offset, length: length, kind: kind, serialising: serialising,
+                                       alignment: Int64(max(1, limits.granularity))) { _ in
+            try await body()
+        }
+    }
+
+    private func checkWritable() throws {
+        if isReadOnly { throw BlockError.readOnly }
     }
 
     private func checkRange(_ offset: Int64, _ count: Int64) throws {

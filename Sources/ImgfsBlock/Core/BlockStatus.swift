@@ -13,13 +13,20 @@ public struct BlockStatus: Sendable, Equatable {
     public var kind: Kind
     /// Bytes from the queried offset with this same kind; at least 1.
     public var length: Int64
-    /// Where the data is in this layer's host file, when it is stored plainly there.
+    /// Where the data is in `file`, when it is stored plainly there.
     public var hostOffset: Int64?
+    /// The child file `hostOffset` is in (the image's own file, a data file, an extent).
+    public var file: HostFile?
 
-    public init(kind: Kind, length: Int64, hostOffset: Int64? = nil) {
+    public init(kind: Kind, length: Int64, hostOffset: Int64? = nil, file: HostFile? = nil) {
         self.kind = kind
         self.length = length
         self.hostOffset = hostOffset
+        self.file = file
+    }
+
+    public static func == (a: BlockStatus, b: BlockStatus) -> Bool {
+        a.kind == b.kind && a.length == b.length && a.hostOffset == b.hostOffset && a.file === b.file
     }
 }
 
@@ -36,4 +43,11 @@ public struct ChainBlockStatus: Sendable, Equatable {
     /// The chain layer that decided it: 0 is the top image.
     public var depth: Int
     public var hostOffset: Int64?
+    /// The file `hostOffset` is in.
+    public var file: HostFile?
+
+    public static func == (a: ChainBlockStatus, b: ChainBlockStatus) -> Bool {
+        a.kind == b.kind && a.length == b.length && a.depth == b.depth && a.hostOffset == b.hostOffset
+            && a.file === b.file
+    }
 }

@@ -136,7 +136,7 @@ public enum ImageOpener {
 public enum DriverRegistry {
     public static func open(_ format: ImageFormat, _ context: DriverOpenContext) async throws -> BlockDriver {
         switch format {
-        case .raw: return try RawDriver(file: context.file, readOnly: context.readOnly, guardsProbe: context.probed)
+        case .raw: return try RawDriver(file: context.file, guardsProbe: context.probed)
         case .qcow2: return try await Qcow2Driver.open(context)
         case .vmdk: throw BlockError.unsupported("\(context.file.path): the VMDK driver is not built yet")
         }

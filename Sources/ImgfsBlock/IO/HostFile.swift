@@ -10,7 +10,7 @@ import Glibc
 public final class HostFile: Sendable {
     public let path: String
     public let descriptor: Int32
-    public let isReadOnly: Bool
+    private let readOnlyState: Locked<Bool>
     public let executor: IOExecutor
     public let engine: any IOEngine
 
@@ -61,12 +61,34 @@ public final class HostFile: Sendable {
     init(path: String, descriptor: Int32, readOnly: Bool, executor: IOExecutor, engine: any IOEngine) {
         self.path = path
         self.descriptor = descriptor
-        self.isReadOnly = readOnly
+        self.readOnlyState = Locked(readOnly)
         self.executor = executor
         self.engine = engine
     }
 
     deinit { Glibc.close(descriptor) }
+
+    /// Whether the descriptor was opened (or last reopened) read-only.
+    public var isReadOnly: Bool { readOnlyState.withLock { $0 } }
+
+    /// Reopens the same file (never its name again: it may have been replaced) in the other mode, in place: the
+    /// new open file description takes over this descriptor number atomically, so no request sees it closed.
+    /// Its image locks are those of the old description, which go with it; the caller takes new ones.
+    public func reopen(readOnly: Bool) throws {
+        guard readOnly != isReadOnly else { return }
+        let fd = Glibc.open("/proc/self/fd/\(descriptor)", (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
+        if fd < 0 { throw BlockError.system(errno: errno, operation: "reopen", path: path) }
+        defer { Glibc.close(fd) }
+        var before = stat(), after = stat()
+        guard fstat(descriptor, &before) == 0, fstat(fd, &after) == 0,
+              before.st_dev == after.st_dev, before.st_ino == after.st_ino else {
+            throw BlockError.chain("\(path) changed while it was being reopened")
+        }
+        try readOnlyState.withLock { state in
+            if linuxDup3(fd, descriptor, flags: O_CLOEXEC) < 0 { throw failure("reopen") }
+            state = readOnly
+        }
+    }
 
     public func identity() throws -> Identity {
         var st = stat()

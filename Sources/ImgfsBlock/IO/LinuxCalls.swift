@@ -8,6 +8,14 @@ import Glibc
 @_silgen_name("fallocate")
 private func libcFallocate(_ fd: Int32, _ mode: Int32, _ offset: Int64, _ length: Int64) -> Int32
 
+@_silgen_name("dup3")
+private func libcDup3(_ oldfd: Int32, _ newfd: Int32, _ flags: Int32) -> Int32
+
+/// dup3(2): makes `newfd` refer to `oldfd`'s open file description, atomically.
+func linuxDup3(_ oldfd: Int32, _ newfd: Int32, flags: Int32) -> Int32 {
+    libcDup3(oldfd, newfd, flags)
+}
+
 /// fallocate(2).
 func linuxFallocate(_ fd: Int32, mode: Int32, offset: Int64, length: Int64) -> Int32 {
     libcFallocate(fd, mode, offset, length)

@@ -13,7 +13,8 @@ public final class Qcow2Driver: BlockDriver {
     let compressedReader: Qcow2CompressedReader
     let snapshotEntries: [Qcow2Snapshot]
     public let openWarnings: [String]
-    private let backing: Locked<BlockNode?>
+    /// The node's children, given at attach: the backing chain is read through them, never a copy.
+    private let children = Locked<BlockChildren?>(nil)
     /// Bytes of snapshot L1 tables the open snapshot views of this image hold (bounded by `Qcow2Limits`).
     private let snapshotL1Bytes = Locked(0)
     /// For a snapshot view: the image whose L1 budget its table counts against until it is closed.
@@ -23,7 +24,7 @@ public final class Qcow2Driver: BlockDriver {
 
     private init(file: HostFile, header: Qcow2Header, layout: Qcow2Layout, compression: Qcow2CompressionType,
                  length: Int64, l1: [UInt64], readOnly: Bool, backingReference: BackingReference?,
-                 backing: BlockNode?, snapshots: [Qcow2Snapshot], warnings: [String] = [], metadataCacheBytes: Int?,
+                 snapshots: [Qcow2Snapshot], warnings: [String] = [], metadataCacheBytes: Int?,
                  cachesOf parent: Qcow2Driver? = nil) {
         self.file = file
         self.header = header
@@ -32,7 +33,6 @@ public final class Qcow2Driver: BlockDriver {
         self.length = length
         self.isReadOnly = readOnly
         self.backingReference = backingReference
-        self.backing = Locked(backing)
         self.snapshotEntries = snapshots
         self.openWarnings = warnings
         self.parent = parent
@@ -113,16 +113,20 @@ public final class Qcow2Driver: BlockDriver {
         if !context.readOnly { effectiveHeader.autoclearFeatures = 0 }
         return Qcow2Driver(file: file, header: effectiveHeader, layout: layout, compression: validated.compression,
                            length: validated.virtualSize, l1: l1, readOnly: context.readOnly,
-                           backingReference: backingReference, backing: nil, snapshots: snapshotTable.entries,
+                           backingReference: backingReference, snapshots: snapshotTable.entries,
                            warnings: snapshotTable.warnings,
                            metadataCacheBytes: context.options.metadataCacheBytes)
     }
 
-    public func attachBacking(_ backing: BlockNode) {
-        self.backing.withLock { $0 = backing }
+    public func attach(_ children: BlockChildren) {
+        self.children.withLock { $0 = children }
     }
 
-    private var backingNode: BlockNode? { backing.withLock { $0 } }
+    private var backingNode: BlockNode? { children.withLock { $0 }?.backing }
+
+    public var limits: BlockLimits {
+        BlockLimits(granularity: layout.clusterSize, optimalTransfer: max(layout.clusterSize, 1 << 20))
+    }
 
     // MARK: Reads
 
@@ -220,8 +224,10 @@ public final class Qcow2Driver: BlockDriver {
         isReadOnly ? .readOnly : .unsupported("qcow2 writing is not implemented yet")
     }
 
-    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws { throw refuseWrite() }
-    public func writeZeroes(at offset: Int64, length: Int64, mayUnmap: Bool) async throws { throw refuseWrite() }
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags) async throws {
+        throw refuseWrite()
+    }
+    public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags) async throws { throw refuseWrite() }
     public func discard(at offset: Int64, length: Int64) async throws { throw refuseWrite() }
     public func truncate(to length: Int64) async throws { throw refuseWrite() }
     public func flush() async throws {}
@@ -280,7 +286,7 @@ public final class Qcow2Driver: BlockDriver {
             let l1 = try await Qcow2ClusterMap.loadL1(file: file, offset: entry.l1TableOffset, entries: entry.l1Size)
             return Qcow2Driver(file: file, header: header, layout: layout, compression: compression,
                                length: entry.descriptor.diskSize, l1: l1, readOnly: true,
-                               backingReference: backingReference, backing: backingNode, snapshots: [],
+                               backingReference: backingReference, snapshots: [],
                                metadataCacheBytes: metadataCacheBytes, cachesOf: self)
         } catch {
             releaseSnapshotL1(bytes: l1Bytes)

@@ -6,7 +6,6 @@ import Synchronization
 /// The raw format: guest offset = host offset; holes in the host file read as zeros.
 public final class RawDriver: BlockDriver {
     public let format = ImageFormat.raw
-    public let isReadOnly: Bool
     private let file: HostFile
     private let size: Atomic<Int64>
     /// Whether the format was probed: then no write may make the first sector probe as another format, or a
@@ -16,14 +15,18 @@ public final class RawDriver: BlockDriver {
     private let firstSectorLock = PthreadLock()
     static let probeBytes = 512
 
-    public init(file: HostFile, readOnly: Bool, guardsProbe: Bool = false) throws {
+    public init(file: HostFile, guardsProbe: Bool = false) throws {
         self.file = file
-        self.isReadOnly = readOnly
         self.guardsProbe = guardsProbe
         self.size = Atomic(try file.size())
     }
 
     public var length: Int64 { size.load(ordering: .relaxed) }
+    /// Follows the host file, which the node reopens to switch modes.
+    public var isReadOnly: Bool { file.isReadOnly }
+    /// A write is one host write: nothing to allocate, no metadata, no lock.
+    public var writesInPlace: Bool { true }
+    public func reopen(readOnly: Bool) async throws {}
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         let n = try await file.read(into: buffer, at: offset)
@@ -33,7 +36,7 @@ public final class RawDriver: BlockDriver {
         }
     }
 
-    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws {
+    public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags) async throws {
         if guardsProbe && offset < Int64(Self.probeBytes) { return try await writeFirstSector(at: offset, from: buffer) }
         try await file.write(buffer, at: offset)
     }
@@ -63,12 +66,16 @@ public final class RawDriver: BlockDriver {
         }
     }
 
-    public func writeZeroes(at offset: Int64, length: Int64, mayUnmap: Bool) async throws {
+    public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags) async throws {
         let keep = FallocateMode.keepSize
-        if mayUnmap, try await file.fallocate(mode: FallocateMode.punchHole | keep, offset: offset, length: length) {
+        if flags.contains(.mayUnmap),
+           try await file.fallocate(mode: FallocateMode.punchHole | keep, offset: offset, length: length) {
             return
         }
         if try await file.fallocate(mode: FallocateMode.zeroRange | keep, offset: offset, length: length) { return }
+        if flags.contains(.noFallback) {
+            throw BlockError.unsupported("\(file.path): the file system cannot zero a range without writing zeros")
+        }
         try await Self.writeZeroBytes(file, offset: offset, length: length)
     }
 
