@@ -101,11 +101,11 @@ func firstDifference(_ a: [UInt8], _ b: [UInt8]) -> Int? {
 }
 
 /// Writes `bytes` at `offset` through the node.
-func write(_ node: BlockNode, at offset: Int64, _ bytes: [UInt8]) async throws {
+func write(_ node: BlockNode, at offset: Int64, _ bytes: [UInt8], flags: BlockRequestFlags = []) async throws {
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 16)
     defer { buffer.deallocate() }
     buffer.copyBytes(from: bytes)
-    try await node.write(at: offset, from: UnsafeRawBufferPointer(buffer))
+    try await node.write(at: offset, from: UnsafeRawBufferPointer(buffer), flags: flags)
 }
 
 /// Big-endian bytes of a field, for patching images.

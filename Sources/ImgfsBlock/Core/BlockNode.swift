@@ -80,6 +80,9 @@ public final class BlockNode: Sendable {
         try checkRange(offset, Int64(buffer.count))
         if buffer.isEmpty { return }
         try await tracked(offset, Int64(buffer.count), .write, flags) {
+            // Checked again once registered: a truncate it waited for may have shrunk the disk under it, and a raw
+            // write past the end would grow the file back.
+            try checkRange(offset, Int64(buffer.count))
             let emulateFUA = flags.contains(.fua) && !driver.handlesFUA
             try await driver.write(at: offset, from: buffer, flags: emulateFUA ? flags.subtracting(.fua) : flags)
             if emulateFUA { try await driver.flush() }
@@ -91,6 +94,7 @@ public final class BlockNode: Sendable {
         try checkRange(offset, length)
         if length == 0 { return }
         try await tracked(offset, length, .writeZeroes, flags) {
+            try checkRange(offset, length)
             try await driver.writeZeroes(at: offset, length: length, flags: flags.subtracting(.fua))
             if flags.contains(.fua) { try await driver.flush() }
         }
@@ -101,6 +105,7 @@ public final class BlockNode: Sendable {
         try checkRange(offset, length)
         if length == 0 { return }
         try await tracked(offset, length, .discard, []) {
+            try checkRange(offset, length)
             try await driver.discard(at: offset, length: length)
         }
     }
