@@ -77,10 +77,11 @@ extension FuseServer {
         let length = file.bytesInside(offset: offset, size: size)
         guard offset >= 0 else { return request.fail(EINVAL) }
         guard length > 0 else { return size == 0 ? request.replyWritten(0) : request.fail(ENOSPC) }
-        if length > Self.largeWriteBytes {
+        if length > Self.largeWriteBytes && file.node.driver.writesInPlace {
             // Large writes are bandwidth-bound: copying the data would cost a fifth of the daemon's CPU. This loop
             // thread writes it itself from libfuse's buffer (valid until we return) and replies; two such writes
-            // in flight already saturate memory bandwidth here, and no thread switch is paid.
+            // in flight already saturate memory bandwidth here, and no thread switch is paid. Only for drivers
+            // whose write is one host write: one that may wait on metadata would stall the whole mount.
             let source = UncheckedSendable(UnsafeRawBufferPointer(start: data, count: length))
             runOnLoopThread(request) {
                 try await file.node.write(at: offset, from: source.value)

@@ -131,5 +131,74 @@ struct ConcurrencyTests {
         if runFinished.value { try await runner.value }
         #expect(!isMounted(mnt))
     }
+
+    @Test("with more slow disk reads in flight than I/O threads, other reads still complete promptly")
+    func slowDiskDoesNotHoldThreads() async throws {
+        // The "disk" is a file served by this process whose first 32 MiB answer after 3 s; the daemon under test
+        // mounts it as a raw image with two I/O threads, and really blocks in the kernel on those reads.
+        var template = Array("/tmp/imgfs-mt-disk-XXXXXX".utf8CString)
+        guard let made = mkdtemp(&template) else { throw TestFailure("mkdtemp: \(errnoText())") }
+        let directory = String(cString: made)
+        let disk = directory + "/disk", mnt = directory + "/mnt"
+        mkdir(disk, 0o755)
+        mkdir(mnt, 0o755)
+        let driver = SlowReadDriver(length: 64 * Int64(MiB), slowRange: 0..<(32 * Int64(MiB)), delay: .seconds(3))
+        let node = BlockNode(path: "slow", driver: driver, file: nil, backing: nil, readOnly: true)
+        var config = MountConfiguration(mountpoint: disk, sourceName: "imgfs:slow-disk")
+        config.handleSignals = false
+        config.keepCache = false
+        let server = FuseServer(root: MountDirectory(files: [ExportedFile(name: "slow.raw", node: node, readOnly: true)]),
+                                configuration: config)
+        try server.mount()
+        let runner = Task { try await server.run() }
+        let binary = try ImgfsBinary.path()
+        defer {
+            if isMounted(mnt) { _ = umount2(mnt, Int32(MNT_DETACH)) }
+            if isMounted(disk) { _ = umount2(disk, Int32(MNT_DETACH)) }
+            try? FileManager.default.removeItem(atPath: directory)
+        }
+        try runTool(binary, ["mount", "--read-only", "--format", "raw", "--io-threads", "2", "--io-engine", "uring",
+                             disk + "/slow.raw", mnt])
+        let file = mnt + "/slow.raw"
+        let outcome = try await onThread { () -> (fast: Double, inFlight: Int, fastOK: Bool, slowOK: Bool) in
+            let slowOK = Shared(true)
+            let group = DispatchGroup()
+            let slowReads = 6
+            for index in 0..<slowReads {
+                group.enter()
+                Thread {
+                    defer { group.leave() }
+                    let fd = open(file, O_RDONLY | 0o40000)  // O_DIRECT
+                    guard fd >= 0 else { return slowOK.set(false) }
+                    defer { close(fd) }
+                    let offset = Int64(index * 4 * MiB)
+                    let bytes = (try? preadFully(fd, count: 4096, at: offset)) ?? []
+                    if bytes.count != 4096 || bytes[0] != UInt8(offset % 251) { slowOK.set(false) }
+                }.start()
+            }
+            // Every slow read must have reached the disk before the fast ones start: more than the threads.
+            _ = waitUntil(seconds: 10) { driver.slowStarted.load(ordering: .relaxed) >= slowReads }
+            let inFlight = driver.slowStarted.load(ordering: .relaxed) - driver.slowFinished.load(ordering: .relaxed)
+            let start = Date()
+            var fastOK = true
+            let fd = open(file, O_RDONLY | 0o40000)
+            for i in 0..<20 {
+                let offset = Int64(40 * MiB + i * MiB)
+                let bytes = (try? preadFully(fd, count: 4096, at: offset)) ?? []
+                if bytes.count != 4096 || bytes[1] != UInt8((offset + 1) % 251) { fastOK = false }
+            }
+            close(fd)
+            let fast = Date().timeIntervalSince(start)
+            group.wait()
+            return (fast, inFlight, fastOK, slowOK.value)
+        }
+        #expect(outcome.inFlight >= 6, "only \(outcome.inFlight) slow reads were in flight")
+        #expect(outcome.fastOK && outcome.slowOK)
+        #expect(outcome.fast < 1.5, "20 reads took \(outcome.fast) s behind \(outcome.inFlight) stuck ones")
+        let unmount = try runTool(binary, ["unmount", mnt], check: false)
+        #expect(unmount.status == 0, "\(unmount.stderr)")
+        _ = umount2(disk, Int32(MNT_DETACH))
+        try await runner.value
+    }
 }
 }
