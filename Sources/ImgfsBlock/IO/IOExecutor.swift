@@ -92,6 +92,20 @@ public final class IOExecutor: TaskExecutor, @unchecked Sendable {
         return box.value
     }
 
+    /// Runs `body` on one of this executor's own threads (inline only when already on one of them), for CPU work
+    /// that must not occupy another pool's threads.
+    public func performOnOwnThread<T>(_ body: @escaping () throws -> T) async throws -> T {
+        if pthread_getspecific(Self.threadKey) == Unmanaged.passUnretained(self).toOpaque() { return try body() }
+        let unsafeBody = UncheckedSendable(body)
+        let box: UncheckedSendable<T> = try await withUnsafeThrowingContinuation { continuation in
+            submit(.block {
+                do { continuation.resume(returning: UncheckedSendable(try unsafeBody.value())) }
+                catch { continuation.resume(throwing: error) }
+            })
+        }
+        return box.value
+    }
+
     /// Runs `body` on an I/O thread without waiting for it.
     public func execute(_ body: @escaping @Sendable () -> Void) {
         submit(.block(body))

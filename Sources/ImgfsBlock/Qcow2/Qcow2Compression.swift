@@ -56,10 +56,14 @@ final class Qcow2CompressedReader: Sendable {
         let input = UnsafeMutableRawBufferPointer.allocate(byteCount: inputCount, alignment: 16)
         defer { input.deallocate() }
         try await file.readExactly(into: input, at: descriptor.hostOffset)
+        let (source, target, compression) = (UncheckedSendable(UnsafeRawBufferPointer(input)), UncheckedSendable(output),
+                                             self.compression)
         do {
-            switch compression {
-            case .zlib: try DeflateDecompressor.decompress(UnsafeRawBufferPointer(input), into: output)
-            case .zstd: try ZstdDecompressor.decompress(UnsafeRawBufferPointer(input), into: output)
+            try await ComputePool.run {
+                switch compression {
+                case .zlib: try DeflateDecompressor.decompress(source.value, into: target.value)
+                case .zstd: try ZstdDecompressor.decompress(source.value, into: target.value)
+                }
             }
         } catch BlockError.corrupt(let reason) {
             throw BlockError.corrupt("\(file.path): compressed cluster at \(descriptor.hostOffset): \(reason)")
