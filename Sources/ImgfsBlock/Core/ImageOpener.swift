@@ -7,6 +7,8 @@ public struct OpenOptions: Sendable {
     public var format: ImageFormat?
     /// How the images are locked against other processes (QEMU's image locking).
     public var locking: LockingPolicy = .exclusiveWriter
+    /// What every image of the mount holds in caches and tables is paid from this.
+    public var memoryBudget: MemoryBudget = .unlimited
     public var pathPolicy: PathPolicy
     /// Longest backing chain accepted, counting the top image.
     public var maxChainDepth: Int = 64

@@ -4,13 +4,16 @@
 struct LRUList<Key: Hashable, Value> {
     private struct Slot {
         var key: Key
-        var value: Value
+        /// nil once removed, so a freed slot holds no memory.
+        var value: Value?
         var previous: Int
         var next: Int
     }
 
     let capacity: Int
     private var slots: [Slot] = []
+    /// Slots emptied by `removeLeastRecent`, reused before the array grows.
+    private var free: [Int] = []
     private var index: [Key: Int] = [:]
     private var head = -1
     private var tail = -1
@@ -27,6 +30,18 @@ struct LRUList<Key: Hashable, Value> {
         return slots[slot].value
     }
 
+    /// Removes the least recently used entry and returns its value (nil when empty).
+    mutating func removeLeastRecent() -> Value? {
+        guard tail >= 0 else { return nil }
+        let slot = tail
+        unlink(slot)
+        index.removeValue(forKey: slots[slot].key)
+        let value = slots[slot].value
+        slots[slot].value = nil
+        free.append(slot)
+        return value
+    }
+
     /// Inserts or replaces; returns the value it displaced, so the caller can release it outside any lock.
     @discardableResult
     mutating func insert(_ value: Value, for key: Key) -> Value? {
@@ -38,7 +53,11 @@ struct LRUList<Key: Hashable, Value> {
         }
         var evicted: Value?
         let slot: Int
-        if slots.count < capacity {
+        if let reused = free.popLast() {
+            slot = reused
+            slots[slot].key = key
+            slots[slot].value = value
+        } else if slots.count < capacity {
             slot = slots.count
             slots.append(Slot(key: key, value: value, previous: -1, next: -1))
         } else {

@@ -10,17 +10,16 @@ final class Qcow2CompressedReader: Sendable {
     let compression: Qcow2CompressionType
     let clusterSize: Int
     let fileSize: Int64
-    let capacity: Int
-    private let recent: Locked<LRUList<Qcow2CompressedCluster, Qcow2DecompressedCluster>>
+    private let recent: BudgetedCache<Qcow2CompressedCluster, Qcow2DecompressedCluster>
 
-    init(file: HostFile, compression: Qcow2CompressionType, clusterSize: Int, fileSize: Int64) {
+    init(file: HostFile, compression: Qcow2CompressionType, clusterSize: Int, fileSize: Int64, budget: MemoryBudget) {
         self.file = file
         self.compression = compression
         self.clusterSize = clusterSize
         self.fileSize = fileSize
         // A handful of clusters, but never more than ~8 MiB of 2 MiB clusters.
-        capacity = max(2, min(16, (8 << 20) / clusterSize))
-        recent = Locked(LRUList(capacity: capacity))
+        recent = BudgetedCache(capacity: max(2, min(16, (8 << 20) / clusterSize)), entryBytes: clusterSize,
+                               budget: budget)
     }
 
     /// Copies the cluster's decompressed bytes from `start` into all of `target`.
@@ -28,7 +27,7 @@ final class Qcow2CompressedReader: Sendable {
     /// A read of the whole cluster inflates straight into the caller's buffer and skips the cache: large
     /// sequential reads neither copy nor evict what small readers share.
     func read(_ descriptor: Qcow2CompressedCluster, from start: Int, into target: UnsafeMutableRawBufferPointer) async throws {
-        if let hit = recent.withLock({ $0.value(for: descriptor) }) {
+        if let hit = recent.value(for: descriptor) {
             hit.bytes.withUnsafeBytes { target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[start..<(start + target.count)])) }
             return
         }
@@ -40,9 +39,7 @@ final class Qcow2CompressedReader: Sendable {
         try await inflate(descriptor, into: output)
         target.copyMemory(from: UnsafeRawBufferPointer(rebasing: output[start..<(start + target.count)]))
         let bytes = [UInt8](UnsafeRawBufferPointer(output))
-        let cluster = Qcow2DecompressedCluster(bytes: bytes)
-        let evicted = recent.withLock { $0.insert(cluster, for: descriptor) }
-        _ = evicted  // released here, outside the lock
+        recent.insert(Qcow2DecompressedCluster(bytes: bytes), for: descriptor)
     }
 
     /// Reads the compressed bytes and inflates exactly one cluster into `output`.

@@ -21,11 +21,13 @@ public final class Qcow2Driver: BlockDriver {
     private let parent: Qcow2Driver?
     private let closed = Locked(false)
     private let metadataCacheBytes: Int?
+    /// The mount's memory budget, which caches and snapshot tables are paid from.
+    private let budget: MemoryBudget
 
     private init(file: HostFile, header: Qcow2Header, layout: Qcow2Layout, compression: Qcow2CompressionType,
                  length: Int64, l1: [UInt64], readOnly: Bool, backingReference: BackingReference?,
                  snapshots: [Qcow2Snapshot], warnings: [String] = [], metadataCacheBytes: Int?,
-                 cachesOf parent: Qcow2Driver? = nil) {
+                 budget: MemoryBudget, cachesOf parent: Qcow2Driver? = nil) {
         self.file = file
         self.header = header
         self.layout = layout
@@ -37,13 +39,16 @@ public final class Qcow2Driver: BlockDriver {
         self.openWarnings = warnings
         self.parent = parent
         self.metadataCacheBytes = metadataCacheBytes
+        self.budget = budget
         // Snapshot views share the image's caches: an L2 table or compressed cluster is the same whichever L1
         // reaches it, snapshots often share them, and the image's memory stays bounded however many views exist.
-        let cache = parent?.clusterMap.cache ?? Qcow2L2Cache(capacity: Qcow2L2Cache.defaultCapacity(
-            layout: layout, virtualSize: length, requestedBytes: metadataCacheBytes))
+        let cache = parent?.clusterMap.cache ?? Qcow2L2Cache(
+            capacity: Qcow2L2Cache.defaultCapacity(layout: layout, virtualSize: length, requestedBytes: metadataCacheBytes),
+            tableBytes: layout.clusterSize, budget: budget)
         clusterMap = Qcow2ClusterMap(layout: layout, l1: l1, file: file, cache: cache)
         compressedReader = parent?.compressedReader ?? Qcow2CompressedReader(
-            file: file, compression: compression, clusterSize: layout.clusterSize, fileSize: layout.fileSize)
+            file: file, compression: compression, clusterSize: layout.clusterSize, fileSize: layout.fileSize,
+            budget: budget)
     }
 
     /// Opens and validates a qcow2 image; on a read-write open, clears the autoclear feature bits we do not keep.
@@ -115,7 +120,7 @@ public final class Qcow2Driver: BlockDriver {
                            length: validated.virtualSize, l1: l1, readOnly: context.readOnly,
                            backingReference: backingReference, snapshots: snapshotTable.entries,
                            warnings: snapshotTable.warnings,
-                           metadataCacheBytes: context.options.metadataCacheBytes)
+                           metadataCacheBytes: context.options.metadataCacheBytes, budget: context.options.memoryBudget)
     }
 
     public func attach(_ children: BlockChildren) {
@@ -282,12 +287,16 @@ public final class Qcow2Driver: BlockDriver {
         guard reserved else {
             throw BlockError.overBudget("\(file.path): snapshot '\(snapshot.name)': the open snapshots' L1 tables together would exceed \(Qcow2Limits.maxSnapshotL1Bytes >> 20) MiB; close another snapshot first")
         }
+        guard budget.tryReserveForCache(l1Bytes) else {
+            snapshotL1Bytes.withLock { $0 -= l1Bytes }
+            throw BlockError.overBudget("\(file.path): snapshot '\(snapshot.name)': its \(l1Bytes >> 10) KiB L1 table does not fit the mount's memory limit; close another snapshot first or raise --memory-limit")
+        }
         do {
             let l1 = try await Qcow2ClusterMap.loadL1(file: file, offset: entry.l1TableOffset, entries: entry.l1Size)
             return Qcow2Driver(file: file, header: header, layout: layout, compression: compression,
                                length: entry.descriptor.diskSize, l1: l1, readOnly: true,
                                backingReference: backingReference, snapshots: [],
-                               metadataCacheBytes: metadataCacheBytes, cachesOf: self)
+                               metadataCacheBytes: metadataCacheBytes, budget: budget, cachesOf: self)
         } catch {
             releaseSnapshotL1(bytes: l1Bytes)
             throw error
@@ -296,6 +305,7 @@ public final class Qcow2Driver: BlockDriver {
 
     private func releaseSnapshotL1(bytes: Int) {
         snapshotL1Bytes.withLock { $0 -= bytes }
+        budget.release(bytes)
     }
 
     /// The refcount table, loaded on demand (for checks and, later, writing).

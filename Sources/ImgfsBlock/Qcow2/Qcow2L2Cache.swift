@@ -21,15 +21,16 @@ final class Qcow2L2Table: Sendable {
 /// Tasks missing the same table at once share one load (a sequential reader's readahead and its next request
 /// often miss together), so a table is read once however many wait for it.
 final class Qcow2L2Cache: Sendable {
-    /// Tables kept at most.
-    let capacity: Int
-    private let state: Locked<LRUList<Int64, Qcow2L2Table>>
+    private let tables: BudgetedCache<Int64, Qcow2L2Table>
     private let loads = SingleFlightLoader<Int64, Qcow2L2Table>()
 
-    init(capacity: Int) {
-        self.capacity = max(1, capacity)
-        state = Locked(LRUList(capacity: max(1, capacity)))
+    /// At most `capacity` tables of `tableBytes` each, paid for from the mount's `budget`.
+    init(capacity: Int, tableBytes: Int, budget: MemoryBudget) {
+        tables = BudgetedCache(capacity: capacity, entryBytes: tableBytes, budget: budget)
     }
+
+    /// Tables kept at most.
+    var capacity: Int { tables.capacity }
 
     /// The default capacity: enough tables for the whole disk, but at most 32 MiB of them (or the bytes the
     /// user asked for), and never fewer than 4 tables.
@@ -42,15 +43,14 @@ final class Qcow2L2Cache: Sendable {
     }
 
     func cached(at offset: Int64) -> Qcow2L2Table? {
-        state.withLock { $0.value(for: offset) }
+        tables.value(for: offset)
     }
 
     func insert(_ table: Qcow2L2Table, at offset: Int64) {
-        let evicted = state.withLock { $0.insert(table, for: offset) }
-        _ = evicted  // released here, outside the lock
+        tables.insert(table, for: offset)
     }
 
-    var count: Int { state.withLock { $0.count } }
+    var count: Int { tables.count }
 
     /// The table at `offset`, loading it from `file` on a miss.
     func table(at offset: Int64, clusterSize: Int, file: HostFile) async throws -> Qcow2L2Table {
