@@ -69,7 +69,8 @@ public enum ImageOpener {
         return ImageFormat.probe(header: UnsafeRawBufferPointer(rebasing: header[..<n]))
     }
 
-    private static func openLayer(path: String, format: ImageFormat?, readOnly: Bool, depth: Int,
+    /// `opened` is a backing file `ChildOpener` has already opened (and recorded in `visited`).
+    private static func openLayer(path: String, opened: HostFile? = nil, format: ImageFormat?, readOnly: Bool, depth: Int,
                                   visited: inout [HostFile.Identity: String], options: OpenOptions) async throws -> BlockNode {
         guard depth <= options.maxChainDepth else {
             throw BlockError.chain("\(path): backing chain deeper than \(options.maxChainDepth) images")
@@ -77,12 +78,14 @@ public enum ImageOpener {
         var readOnly = readOnly || !(format?.isWritableByImgfs ?? true)
         // Probing only reads, and a format imgfs cannot write needs no write access (the file may be 0444): open
         // for reading, and reopen for writing once the format is known to allow it.
-        var file = try HostFile.open(path, readOnly: readOnly || format == nil)
-        let identity = try file.identity()
-        if let earlier = visited[identity] {
-            throw BlockError.chain("backing chain loop: \(path) is the same file as \(earlier), which it backs")
+        var file: HostFile
+        if let opened {
+            file = opened
+        } else {
+            file = try HostFile.open(path, readOnly: readOnly || format == nil)
+            try ChildOpener.recordVisit(file, as: path, in: &visited)
         }
-        visited[identity] = path
+        let identity = try file.identity()
         var warnings: [String] = []
         let chosen: ImageFormat
         if let format {
@@ -107,9 +110,10 @@ public enum ImageOpener {
         let driver = try await DriverRegistry.open(chosen, context)
         var backing: BlockNode?
         if let reference = driver.backingReference {
-            let resolved = try options.pathPolicy.resolve(reference.name, referencedBy: path)
-            backing = try await openLayer(path: resolved, format: reference.format, readOnly: true, depth: depth + 1,
-                                          visited: &visited, options: options)
+            let child = try ChildOpener.openChild(named: reference.name, referencedBy: file, readOnly: true,
+                                                  policy: options.pathPolicy, visited: &visited)
+            backing = try await openLayer(path: child.path, opened: child.file, format: reference.format, readOnly: true,
+                                          depth: depth + 1, visited: &visited, options: options)
         }
         return BlockNode(path: path, driver: driver, file: file, backing: backing, readOnly: readOnly,
                          warnings: warnings)

@@ -24,9 +24,20 @@ public final class HostFile: Sendable {
     /// can block the open or a read.
     public static func open(_ path: String, readOnly: Bool, executor: IOExecutor = .shared,
                             engine: any IOEngine = SharedIOEngine.engine) throws -> HostFile {
-        // O_NONBLOCK keeps open() of a FIFO from waiting for a writer; it is cleared once the type is known.
-        let fd = Glibc.open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
+        let fd = Glibc.open(path, openFlags(readOnly: readOnly))
         if fd < 0 { throw BlockError.system(errno: errno, operation: "open", path: path) }
+        return try open(adopting: fd, path: path, readOnly: readOnly, executor: executor, engine: engine)
+    }
+
+    /// The flags every image open uses. O_NONBLOCK keeps open() of a FIFO from waiting for a writer; `open(adopting:)`
+    /// clears it once the type is known.
+    static func openFlags(readOnly: Bool) -> Int32 {
+        (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NONBLOCK | O_NOCTTY
+    }
+
+    /// Wraps `fd`, opened with `openFlags`, after the same checks as `open`; the descriptor is closed if they fail.
+    static func open(adopting fd: Int32, path: String, readOnly: Bool, executor: IOExecutor = .shared,
+                     engine: any IOEngine = SharedIOEngine.engine) throws -> HostFile {
         var st = stat()
         if fstat(fd, &st) != 0 {
             let e = errno

@@ -26,3 +26,46 @@ enum LinuxSeek {
     static let data: Int32 = 3
     static let hole: Int32 = 4
 }
+
+// syscall(2) is variadic, so Swift cannot import it. glibc's syscall is a register shuffle that reads integer
+// arguments only, so a fixed-arity declaration whose arguments are all integers or pointers calls it correctly.
+@_silgen_name("syscall")
+private func libcSyscall4(_ number: Int, _ a: Int, _ b: UnsafeRawPointer, _ c: UnsafeRawPointer, _ d: Int) -> Int
+
+/// openat2(2) (Linux 5.6), which glibc does not wrap.
+enum LinuxOpenat2 {
+    /// The same number on every architecture (it postdates the unified syscall table).
+    static let number = 437
+    /// O_PATH (an fd that names a file without opening it for I/O; needs no read permission on directories).
+    static let pathOnly: Int32 = 0o10000000
+    /// Every step of the resolution, symlinks and ".." included, must stay beneath the starting directory.
+    static let resolveBeneath: UInt64 = 0x08
+    /// No /proc/<pid>/fd-style links, which jump anywhere without being symlinks in the usual sense.
+    static let resolveNoMagicLinks: UInt64 = 0x02
+
+    /// struct open_how.
+    private struct OpenHow {
+        var flags: UInt64
+        var mode: UInt64
+        var resolve: UInt64
+    }
+
+    /// The new descriptor, or -1 with errno set.
+    static func open(_ directory: Int32, _ path: String, flags: Int32, resolve: UInt64) -> Int32 {
+        var how = OpenHow(flags: UInt64(UInt32(bitPattern: flags)), mode: 0, resolve: resolve)
+        let result = path.withCString { name in
+            withUnsafePointer(to: &how) { howPointer in
+                libcSyscall4(number, Int(directory), name, howPointer, MemoryLayout<OpenHow>.size)
+            }
+        }
+        return Int32(truncatingIfNeeded: result)
+    }
+
+    /// Whether the kernel (and any seccomp filter) lets openat2 through: ENOSYS on kernels before 5.6, ENOSYS or
+    /// EPERM from container runtimes whose filters predate it.
+    static let isAvailable: Bool = {
+        let fd = open(AT_FDCWD, "/", flags: pathOnly | O_CLOEXEC, resolve: 0)
+        if fd >= 0 { Glibc.close(fd) }
+        return fd >= 0
+    }()
+}

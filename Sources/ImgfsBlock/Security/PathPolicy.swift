@@ -22,7 +22,22 @@ public struct PathPolicy: Sendable, Equatable {
     }
 
     /// Resolves `name`, found inside the image at `referrer`, to a canonical path, or throws why not.
+    ///
+    /// Only a check: a path can change before it is opened. Opening goes through `ChildOpener`.
     public func resolve(_ name: String, referencedBy referrer: String) throws -> String {
+        try checkName(name)
+        let joined = Self.joined(name, referencedBy: referrer)
+        guard let real = Self.realPath(joined) else {
+            throw Self.missing(name, referencedBy: referrer, lookedFor: joined)
+        }
+        guard permittedDirectory(containing: real, referencedBy: referrer) != nil else {
+            throw refusal(name, referencedBy: referrer, resolvedTo: real)
+        }
+        return real
+    }
+
+    /// The rules on the name itself, before anything is looked up.
+    func checkName(_ name: String) throws {
         guard !name.isEmpty else { throw BlockError.pathRefused(path: name, reason: "empty file name") }
         guard !name.utf8.contains(0) else { throw BlockError.pathRefused(path: name, reason: "NUL in file name") }
         if name.hasPrefix("json:") {
@@ -31,19 +46,35 @@ public struct PathPolicy: Sendable, Equatable {
         if let prefix = Self.protocolPrefix(of: name) {
             throw BlockError.pathRefused(path: name, reason: "protocol '\(prefix):' is not accepted; only plain file names are")
         }
-        let baseDirectory = Self.directory(of: referrer)
-        let joined = name.hasPrefix("/") ? name : baseDirectory + "/" + name
-        guard let real = Self.realPath(joined) else {
-            throw BlockError.chain("\(referrer): file '\(name)' it names does not exist (looked for \(joined))")
-        }
-        let home = Self.realPath(baseDirectory) ?? baseDirectory
-        let permitted = [home] + allowedDirectories
-        guard permitted.contains(where: { Self.isInside(real, $0) }) else {
-            throw BlockError.pathRefused(
-                path: name,
-                reason: "named by \(referrer), it resolves to \(real), outside \(home); use --allow-path DIR to permit it")
-        }
-        return real
+    }
+
+    /// The canonical directories a file named by `referrer` may lie in: the referrer's own first.
+    func permittedDirectories(referencedBy referrer: String) -> [String] {
+        let home = Self.directory(of: referrer)
+        return [Self.realPath(home) ?? home] + allowedDirectories
+    }
+
+    /// The permitted directory that holds the canonical path `real`, if any.
+    func permittedDirectory(containing real: String, referencedBy referrer: String) -> String? {
+        permittedDirectories(referencedBy: referrer).first { Self.isInside(real, $0) }
+    }
+
+    /// Why a name that leads out is refused; `real` is nil when the open, not the check, found it leading out.
+    func refusal(_ name: String, referencedBy referrer: String, resolvedTo real: String?) -> BlockError {
+        let home = permittedDirectories(referencedBy: referrer)[0]
+        let target = real.map { "resolves to \($0), outside" } ?? "resolves outside"
+        return .pathRefused(
+            path: name,
+            reason: "named by \(referrer), it \(target) \(home); use --allow-path DIR to permit it")
+    }
+
+    static func missing(_ name: String, referencedBy referrer: String, lookedFor joined: String) -> BlockError {
+        .chain("\(referrer): file '\(name)' it names does not exist (looked for \(joined))")
+    }
+
+    /// `name` as a path: relative names are relative to the referrer's directory.
+    static func joined(_ name: String, referencedBy referrer: String) -> String {
+        name.hasPrefix("/") ? name : directory(of: referrer) + "/" + name
     }
 
     /// "nbd:..." style prefix, if any: letters, digits, '+', '.', '-' before the first ':' and no '/' before it.
