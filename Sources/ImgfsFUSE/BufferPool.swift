@@ -1,24 +1,49 @@
 import ImgfsBlock
 
-/// Reusable request buffers: a fresh 1 MiB allocation per request costs an mmap/munmap pair and halves throughput.
+/// Reusable request buffers, paid for from the mount's memory budget.
+///
+/// A fresh 1 MiB allocation per request costs an mmap/munmap pair and halves throughput, so buffers are kept.
+/// Every buffer that exists, idle or in use, holds its share of the budget; a request that finds the budget spent
+/// waits for another to give its buffer back, which is the mount's backpressure.
 final class BufferPool: Sendable {
     let bufferSize: Int
+    private let budget: MemoryBudget
     private let pool: ResourcePool<UnsafeMutableRawPointer>
 
-    init(bufferSize: Int, capacity: Int) {
+    init(bufferSize: Int, capacity: Int, budget: MemoryBudget) {
         self.bufferSize = bufferSize
+        self.budget = budget
         pool = ResourcePool(limit: capacity,
                             make: { UnsafeMutableRawPointer.allocate(byteCount: bufferSize, alignment: 64) },
-                            destroy: { $0.deallocate() })
+                            destroy: { buffer in
+                                buffer.deallocate()
+                                budget.release(bufferSize)
+                            })
     }
 
-    /// A buffer of at least `count` bytes; give it back with `recycle`. Larger-than-usual ones are not pooled.
-    func take(_ count: Int) -> UnsafeMutableRawPointer {
-        if count <= bufferSize, let buffer = pool.take() { return buffer }
-        return UnsafeMutableRawPointer.allocate(byteCount: count, alignment: 64)
+    /// A buffer of at least `count` bytes, waiting for budget if need be; give it back with `recycle`.
+    func take(_ count: Int) async -> UnsafeMutableRawPointer {
+        if count <= bufferSize, let buffer = pool.takeIdle() { return buffer }
+        await budget.reserveForRequest(allocationSize(count))
+        return UnsafeMutableRawPointer.allocate(byteCount: allocationSize(count), alignment: 64)
+    }
+
+    /// A buffer now, for a thread that must not wait (a FUSE loop thread copying a write): over budget if need be.
+    func takeNow(_ count: Int) -> UnsafeMutableRawPointer {
+        if count <= bufferSize, let buffer = pool.takeIdle() { return buffer }
+        budget.reserveNow(allocationSize(count))
+        return UnsafeMutableRawPointer.allocate(byteCount: allocationSize(count), alignment: 64)
     }
 
     func recycle(_ buffer: UnsafeMutableRawPointer, count: Int) {
-        if count <= bufferSize { pool.recycle(buffer) } else { buffer.deallocate() }
+        if count <= bufferSize {
+            pool.recycle(buffer)
+        } else {
+            buffer.deallocate()
+            budget.release(count)
+        }
     }
+
+    /// Pooled buffers are all `bufferSize`, so any of them serves any request that fits.
+    private func allocationSize(_ count: Int) -> Int { max(count, bufferSize) }
 }

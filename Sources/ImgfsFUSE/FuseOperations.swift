@@ -62,7 +62,7 @@ extension FuseServer {
         guard offset >= 0, length > 0 else { return request.replyData(nil, count: 0) }
         let buffers = self.buffers
         beginAsync(request) {
-            let buffer = buffers.take(length)
+            let buffer = await buffers.take(length)
             defer { buffers.recycle(buffer, count: length) }
             // The disk may shrink between the clamp above and the read: what is gone is a short read.
             let count = try await file.node.readUpTo(at: offset,
@@ -91,7 +91,7 @@ extension FuseServer {
         }
         // Small writes go fully async, so many are in flight; libfuse reuses its buffer once this callback returns,
         // so the data is copied first.
-        let buffer = buffers.take(length)
+        let buffer = buffers.takeNow(length)
         buffer.copyMemory(from: data, byteCount: length)
         let copy = UncheckedSendable(buffer)
         let buffers = self.buffers

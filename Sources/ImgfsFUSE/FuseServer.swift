@@ -22,12 +22,12 @@ public final class FuseServer: @unchecked Sendable {
     private var handlers = imgfs_fuse_handlers()
 
     public init(root: MountDirectory, configuration: MountConfiguration, executor: IOExecutor = .shared,
-                logger: Logger = Logger(label: "imgfs.fuse")) {
+                budget: MemoryBudget = .unlimited, logger: Logger = Logger(label: "imgfs.fuse")) {
         self.configuration = configuration
         self.tree = MountTree(root: root)
         self.executor = executor
         self.logger = logger
-        self.buffers = BufferPool(bufferSize: configuration.maxRequestBytes, capacity: 64)
+        self.buffers = BufferPool(bufferSize: configuration.maxRequestBytes, capacity: 64, budget: budget)
     }
 
     /// Creates the session and mounts it; the file is visible when this returns.

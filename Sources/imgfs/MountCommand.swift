@@ -34,6 +34,8 @@ struct MountCommand: ParsableCommand {
     var allowPath: [String] = []
     @Option(name: .long, help: "Bytes of qcow2 L2 tables cached per image (suffixes K, M, G); default: all of the disk's tables, up to 32M (which maps 256 GiB at 64 KiB clusters).")
     var l2CacheSize: ByteCount?
+    @Option(name: .long, help: "Memory the daemon may hold for all images: L2 tables, decompressed clusters, snapshot tables and request buffers (suffixes K, M, G; default 512M). Requests wait for their share when it is spent.")
+    var memoryLimit: ByteCount = ByteCount(argument: "512M")!
     @Option(name: .long, help: "Threads doing blocking I/O and decompression.") var ioThreads = 4
     @Option(name: .long, help: "Host I/O engine: uring or threads; default: uring when the kernel allows it (or $IMGFS_IO_ENGINE).")
     var ioEngine: IOEngineKind?
@@ -46,6 +48,9 @@ struct MountCommand: ParsableCommand {
     func validate() throws {
         if ioThreads < 1 || ioThreads > 256 { throw ValidationError("--io-threads must be 1...256") }
         if fuseThreads < 1 || fuseThreads > 64 { throw ValidationError("--fuse-threads must be 1...64") }
+        if memoryLimit.bytes < 80 << 20 {
+            throw ValidationError("--memory-limit must be at least 80M (64M of it is kept for request buffers)")
+        }
         if forceShare && !readOnly { throw ValidationError("--force-share needs --read-only") }
         for option in fuseOptions {
             let key = option.split(separator: "=", maxSplits: 1).first.map(String.init) ?? option
@@ -92,6 +97,8 @@ struct MountCommand: ParsableCommand {
                                           pathPolicy: try PathPolicy(allowedDirectories: allowPath),
                                           locking: forceShare ? .forceShare : .exclusiveWriter)
             openOptions.metadataCacheBytes = l2CacheSize?.bytes
+            let budget = MemoryBudget(limit: memoryLimit.bytes)
+            openOptions.memoryBudget = budget
             let opts = openOptions
             let readOnly = self.readOnly
             node = try CallerThreadExecutor.run { try await ImageOpener.open(imagePath, options: opts) }
@@ -101,7 +108,7 @@ struct MountCommand: ParsableCommand {
             config.readOnly = readOnly || node.isReadOnly
             config.fuseThreads = fuseThreads
             config.handleSignals = true
-            server = FuseServer(root: root, configuration: config)
+            server = FuseServer(root: root, configuration: config, budget: budget)
             do { try server.mount() } catch {
                 report.failure("\(error)", status: ExitStatus.mountError.rawValue)
                 throw ExitStatus.mountError

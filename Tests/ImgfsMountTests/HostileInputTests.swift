@@ -258,6 +258,58 @@ struct HostileInputTests {
         return kb / 1024
     }
 
+    @Test("the memory limit holds through a long random-read run over a 1 TiB sparse qcow2")
+    func memoryLimitHolds() async throws {
+        let scratch = try Scratch("budget")
+        defer { scratch.cleanup() }
+        let image = scratch.path("big.qcow2")
+        try qemuImg("create", "-q", "-f", "qcow2", image, "1T")
+        // One 4 KiB write per 512 MiB: 2,048 L2 tables of 64 KiB, 128 MiB of metadata if all were cached.
+        let writes = (0..<2048).flatMap { ["-c", "write -P \($0 % 250 + 1) \($0 * 512)M 4k"] }
+        try runTool("qemu-io", ["-f", "qcow2"] + writes + [image])
+        let mnt = try scratch.dir("mnt")
+        // The L2 cache alone may take 256 MiB; the mount's limit of 96 MiB must win.
+        try scratch.mount(image, at: mnt, ["--read-only", "--l2-cache-size", "256M", "--memory-limit", "96M"])
+        defer { try? scratch.unmount(mnt) }
+        guard let pid = daemonPid(mountpoint: mnt) else { throw TestFailure("no daemon pid") }
+        let file = mnt + "/big.raw"
+        let wrong = try await onThread { () -> Int in
+            let group = DispatchGroup()
+            let wrong = Shared(0)
+            for thread in 0..<4 {
+                group.enter()
+                Thread {
+                    defer { group.leave() }
+                    let fd = open(file, O_RDONLY | 0o40000)  // O_DIRECT
+                    guard fd >= 0 else { return wrong.update { $0 += 1 } }
+                    defer { close(fd) }
+                    var generator = SplitMix64(seed: UInt64(thread + 1))
+                    let buffer = UnsafeMutableRawPointer.allocate(byteCount: 65536, alignment: 4096)
+                    defer { buffer.deallocate() }
+                    let deadline = Date().addingTimeInterval(4)
+                    while Date() < deadline {
+                        let span = Int(generator.next() % 2048)
+                        let offset = off_t(span) << 29
+                        if pread(fd, buffer, 65536, offset) != 65536
+                            || buffer.load(as: UInt8.self) != UInt8(span % 250 + 1)
+                            || buffer.load(fromByteOffset: 8192, as: UInt8.self) != 0 {
+                            wrong.update { $0 += 1 }
+                        }
+                    }
+                }.start()
+            }
+            group.wait()
+            return wrong.value
+        }
+        #expect(wrong == 0)
+        let status = try String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8)
+        let peak = status.split(separator: "\n").first { $0.hasPrefix("VmHWM:") }
+            .flatMap { Int($0.split(separator: " ", omittingEmptySubsequences: true)[1]) }.map { $0 / 1024 } ?? 0
+        // The whole daemon, code and stacks included, stays within the limit (caching every table would take
+        // 128 MiB of them alone).
+        #expect(peak > 0 && peak < 96, "peak RSS \(peak) MiB with --memory-limit 96M")
+    }
+
     @Test("65,536 snapshots mount and list in linear time")
     func manySnapshots() throws {
         let scratch = try Scratch("many")

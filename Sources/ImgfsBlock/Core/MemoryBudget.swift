@@ -86,6 +86,8 @@ public final class MemoryBudget: Sendable {
     /// Bytes held now, and the most ever held at once.
     public var used: Int { state.withLock { $0.used } }
     public var peak: Int { state.withLock { $0.peak } }
+    /// Requests waiting for their share.
+    var waiting: Int { state.withLock { $0.waiters.count } }
 
     private func fits(_ bytes: Int, _ state: State) -> Bool {
         state.used == 0 || bytes <= limit - state.used

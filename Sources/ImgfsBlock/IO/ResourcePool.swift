@@ -18,6 +18,11 @@ public final class ResourcePool<Resource>: @unchecked Sendable {
         idle.withLock { $0.popLast() } ?? make()
     }
 
+    /// A pooled resource, or nil when none is idle (the caller makes one, on its own terms).
+    public func takeIdle() -> Resource? {
+        idle.withLock { $0.popLast() }
+    }
+
     public func recycle(_ resource: Resource) {
         let kept = idle.withLock { stack -> Bool in
             guard stack.count < limit else { return false }
