@@ -129,3 +129,39 @@ import ImgfsTestSupport
         #expect(try await readNode(top, at: 0, count: 2) == [0x0b, 0x0b])
     }
 }
+
+/// Vectored host I/O and owned buffers, with whichever engine the process chose.
+@Suite struct VectoredIOTests {
+    @Test func vectorsGoOutAndComeBackAsOneRange() async throws {
+        let scratch = try QemuScratch()
+        try scratch.qemuImg("create", "-q", "-f", "raw", scratch.path("v.img"), "1M")
+        let file = try HostFile.open(scratch.path("v.img"), readOnly: false)
+        let budget = MemoryBudget(limit: 1 << 20, requestHeadroom: 1 << 20)
+        let pieces = [await IOBuffer(count: 1000, budget: budget), await IOBuffer(count: 0),
+                      await IOBuffer(count: 70_000, budget: budget), await IOBuffer(count: 3)]
+        for (index, piece) in pieces.enumerated() {
+            piece.bytes.initializeMemory(as: UInt8.self, repeating: UInt8(index + 1))
+        }
+        #expect(budget.used == 71_000)
+        try await file.write(vector: pieces.map(\.readOnly), at: 4093)
+        let back = [await IOBuffer(count: 3), await IOBuffer(count: 71_003)]
+        try await file.readExactly(vector: back.map(\.bytes), at: 4090)
+        let joined = back.flatMap { [UInt8]($0.bytes) }
+        let expected = [UInt8](repeating: 0, count: 3) + [UInt8](repeating: 1, count: 1000)
+            + [UInt8](repeating: 3, count: 70_000) + [UInt8](repeating: 4, count: 3)
+        #expect(joined.count == expected.count && firstDifference(joined, expected) == nil)
+        // Past the end of the file a vectored read is short, which is corruption for the caller.
+        await #expect(throws: BlockError.self) {
+            try await file.readExactly(vector: back.map(\.bytes), at: (1 << 20) - 10)
+        }
+    }
+
+    @Test func anIOBufferGivesItsBudgetBack() async {
+        let budget = MemoryBudget(limit: 1 << 20, requestHeadroom: 1 << 20)
+        do {
+            let buffer = await IOBuffer(count: 4096, budget: budget)
+            #expect(budget.used == 4096 && buffer.count == 4096)
+        }
+        #expect(budget.used == 0)
+    }
+}

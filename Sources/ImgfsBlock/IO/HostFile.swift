@@ -228,6 +228,56 @@ public final class HostFile: Sendable {
         }
     }
 
+    /// Writes all of `buffers`, in order, as one contiguous range from `offset` (pwritev): copy-on-write padding
+    /// and guest data go out in one request.
+    public func write(vector buffers: [UnsafeRawBufferPointer], at offset: Int64) async throws {
+        guard !isReadOnly else { throw BlockError.readOnly }
+        var rest = buffers.filter { !$0.isEmpty }
+        var position = offset
+        while !rest.isEmpty {
+            let pending = rest
+            let n = try await retryingEINTR {
+                try await engine.writev(fd: descriptor, from: pending, at: position, path: path)
+            }
+            if n == 0 { throw BlockError.system(errno: EIO, operation: "write", path: path) }
+            position += Int64(n)
+            rest = Self.advance(rest, by: n)
+        }
+    }
+
+    /// Fills all of `buffers`, in order, from one contiguous range at `offset` (preadv); a short read means the
+    /// range passes the end of the file.
+    public func readExactly(vector buffers: [UnsafeMutableRawBufferPointer], at offset: Int64) async throws {
+        var rest = buffers.filter { !$0.isEmpty }.map { UnsafeRawBufferPointer($0) }
+        var position = offset
+        while !rest.isEmpty {
+            let pending = rest.map { UnsafeMutableRawBufferPointer(mutating: $0) }
+            let n = try await retryingEINTR {
+                try await engine.readv(fd: descriptor, into: pending, at: position, path: path)
+            }
+            if n == 0 {
+                throw BlockError.corrupt("\(path): a vectored read at offset \(position) lies past the end of the file")
+            }
+            position += Int64(n)
+            rest = Self.advance(rest, by: n)
+        }
+    }
+
+    /// What is left of a vector after `count` of its bytes were transferred.
+    private static func advance(_ buffers: [UnsafeRawBufferPointer], by count: Int) -> [UnsafeRawBufferPointer] {
+        var skip = count
+        var rest: [UnsafeRawBufferPointer] = []
+        for buffer in buffers {
+            if skip >= buffer.count {
+                skip -= buffer.count
+            } else {
+                rest.append(UnsafeRawBufferPointer(rebasing: buffer[skip...]))
+                skip = 0
+            }
+        }
+        return rest
+    }
+
     public func flush() async throws {
         guard !isReadOnly else { return }
         try await retryingEINTR { try await engine.fdatasync(fd: descriptor, path: path) }
