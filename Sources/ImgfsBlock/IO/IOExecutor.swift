@@ -82,20 +82,18 @@ public final class IOExecutor: TaskExecutor, @unchecked Sendable {
     /// Runs `body` on an I/O thread (inline when already on one) and returns its result.
     public func perform<T>(_ body: @escaping () throws -> T) async throws -> T {
         if Self.isCurrentThreadIOThread { return try body() }
-        let unsafeBody = UncheckedSendable(body)
-        let box: UncheckedSendable<T> = try await withUnsafeThrowingContinuation { continuation in
-            submit(.block {
-                do { continuation.resume(returning: UncheckedSendable(try unsafeBody.value())) }
-                catch { continuation.resume(throwing: error) }
-            })
-        }
-        return box.value
+        return try await hop(body)
     }
 
     /// Runs `body` on one of this executor's own threads (inline only when already on one of them), for CPU work
     /// that must not occupy another pool's threads.
     public func performOnOwnThread<T>(_ body: @escaping () throws -> T) async throws -> T {
         if pthread_getspecific(Self.threadKey) == Unmanaged.passUnretained(self).toOpaque() { return try body() }
+        return try await hop(body)
+    }
+
+    /// Queues `body` on this executor and suspends until it has run.
+    private func hop<T>(_ body: @escaping () throws -> T) async throws -> T {
         let unsafeBody = UncheckedSendable(body)
         let box: UncheckedSendable<T> = try await withUnsafeThrowingContinuation { continuation in
             submit(.block {
