@@ -28,6 +28,13 @@ final class BufferPool: Sendable {
         return UnsafeMutableRawPointer.allocate(byteCount: allocationSize(count), alignment: 64)
     }
 
+    /// A buffer if one is idle or the budget has room right now; nil rather than wait or overdraw.
+    func takeIfFree(_ count: Int) -> UnsafeMutableRawPointer? {
+        if count <= bufferSize, let buffer = pool.takeIdle() { return buffer }
+        guard budget.tryReserveForRequest(allocationSize(count)) else { return nil }
+        return UnsafeMutableRawPointer.allocate(byteCount: allocationSize(count), alignment: 64)
+    }
+
     /// A buffer now, for a thread that must not wait (a FUSE loop thread copying a write): over budget if need be.
     func takeNow(_ count: Int) -> UnsafeMutableRawPointer {
         if count <= bufferSize, let buffer = pool.takeIdle() { return buffer }

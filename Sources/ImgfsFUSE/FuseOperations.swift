@@ -61,13 +61,25 @@ extension FuseServer {
         let length = file.bytesInside(offset: offset, size: size)
         guard offset >= 0, length > 0 else { return request.replyData(nil, count: 0) }
         let buffers = self.buffers
+        // Data in the host page cache behind cached metadata is a memory copy: the thread hop and task of the async
+        // path would cost more than the read itself, so this loop thread serves it and replies. Only with a buffer
+        // to be had at once: a loop thread never waits for the memory budget.
+        let ready = buffers.takeIfFree(length)
+        if let buffer = ready,
+           file.node.readIfCached(at: offset, into: UnsafeMutableRawBufferPointer(start: buffer, count: length)) {
+            request.replyData(buffer, count: length)
+            return buffers.recycle(buffer, count: length)
+        }
+        let handed = ready.map(UncheckedSendable.init)
         beginAsync(request) {
-            let buffer = await buffers.take(length)
-            defer { buffers.recycle(buffer, count: length) }
+            var buffer = handed?.value
+            if buffer == nil { buffer = await buffers.take(length) }
+            let owned = UncheckedSendable(buffer!)
+            defer { buffers.recycle(owned.value, count: length) }
             // The disk may shrink between the clamp above and the read: what is gone is a short read.
             let count = try await file.node.readUpTo(at: offset,
-                                                     into: UnsafeMutableRawBufferPointer(start: buffer, count: length))
-            request.replyData(buffer, count: count)
+                                                     into: UnsafeMutableRawBufferPointer(start: owned.value, count: length))
+            request.replyData(owned.value, count: count)
         }
     }
 

@@ -303,6 +303,52 @@ struct TrackedRequestsTests {
         }
     }
 
+    @Test func tryBeginRegistersOnlyWhatMayRunAtOnce() async throws {
+        let tracker = TrackedRequests()
+        // Reads never conflict with reads.
+        let first = try #require(tracker.tryBegin(offset: 0, length: 4096, kind: .read))
+        let second = try #require(tracker.tryBegin(offset: 100, length: 10, kind: .read))
+        // A serialising request that would wait for them is refused, and leaves nothing registered.
+        #expect(tracker.tryBegin(offset: 0, length: 10, kind: .write, serialising: true, alignment: 4096) == nil)
+        #expect(tracker.inFlightCount == 2 && tracker.waitingCount == 0)
+        tracker.end(first)
+        tracker.end(second)
+
+        let write = try #require(tracker.tryBegin(offset: 0, length: 10, kind: .write, serialising: true,
+                                                  alignment: 4096))
+        // Overlapping its rounded-out range is a conflict; the next cluster is not.
+        #expect(tracker.tryBegin(offset: 4095, length: 1, kind: .read) == nil)
+        let beside = try #require(tracker.tryBegin(offset: 4096, length: 10, kind: .read))
+        tracker.end(beside)
+        tracker.end(write)
+        #expect(tracker.inFlightCount == 0)
+
+        // A drained section holds new requests: tryBegin refuses rather than be held.
+        await tracker.beginDrain()
+        #expect(tracker.tryBegin(offset: 0, length: 1, kind: .read) == nil)
+        tracker.endDrain()
+        let afterDrain = try #require(tracker.tryBegin(offset: 0, length: 1, kind: .read))
+        tracker.end(afterDrain)
+        #expect(tracker.inFlightCount == 0 && tracker.heldCount == 0)
+    }
+
+    @Test(arguments: SyncTestExecutor.allCases)
+    func aLaterSerialisingRequestWaitsForATryBeganRead(executor: SyncTestExecutor) async throws {
+        let tracker = TrackedRequests()
+        let read = try #require(tracker.tryBegin(offset: 0, length: 4096, kind: .read))
+        let writer = spawn(on: executor) {
+            await tracker.withTracked(offset: 1000, length: 10, kind: .write, serialising: true) { _ in }
+        }
+        try await eventually { tracker.waitingCount == 1 }
+        // And a drain counts it too.
+        let drain = spawn(on: executor) { await tracker.drain() }
+        try await eventually { tracker.drainWaiterCount == 1 }
+        tracker.end(read)
+        try await finish(writer)
+        try await finish(drain)
+        #expect(tracker.inFlightCount == 0 && tracker.waitingCount == 0)
+    }
+
     @Test func roundingOutStopsAtTheEndOfTheAddressSpace() {
         #expect(TrackedRequests.roundOut(1000..<1100, to: 512) == 512..<1536)
         #expect(TrackedRequests.roundOut(1024..<1536, to: 512) == 1024..<1536)

@@ -154,6 +154,44 @@ struct Qcow2MountTests {
         try scratch.unmount(mnt)
     }
 
+    @Test("a warm qcow2 read twice with 4 KiB O_DIRECT reads equals qemu-img convert both times")
+    func warmDirectReadsTwice() throws {
+        let scratch = try Scratch("warm")
+        defer { scratch.cleanup() }
+        let base = scratch.path("base.raw")
+        try writeFile(base, randomBytes(16 * MiB, seed: 41))
+        let image = scratch.path("warm.qcow2")
+        try runTool("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-b", "base.raw", "-F", "raw",
+                                 image, "16M"], cwd: scratch.directory)
+        // Every kind of cluster: the first pass warms what the second may serve inline on the loop thread, and
+        // compressed clusters and backing reads must keep taking the async path.
+        try qemuIO(image, ["write -P 0x11 0 4M", "write -z 1M 256k", "write -c -P 0x22 5M 256k",
+                           "write -P 0x33 8M 3M", "discard 9M 128k", "write -P 0x44 12345 6789"])
+        let ref = try readFile(try reference(scratch, image))
+        _ = try readFile(image)
+        _ = try readFile(base)
+        let mnt = try scratch.dir("mnt")
+        try scratch.mount(image, at: mnt)
+        let fd = try openOrThrow(mnt + "/warm.raw", O_RDONLY | 0o40000)  // O_DIRECT: every read reaches the daemon
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { buffer.deallocate() }
+        for pass in 1...2 {
+            var got = [UInt8](repeating: 0, count: ref.count)
+            var failed: String?
+            got.withUnsafeMutableBytes { out in
+                for offset in stride(from: 0, to: ref.count, by: 4096) where failed == nil {
+                    let n = pread(fd, buffer, 4096, off_t(offset))
+                    if n != 4096 { failed = "pread 4096@\(offset) returned \(n) (\(errnoText()))"; return }
+                    (out.baseAddress! + offset).copyMemory(from: buffer, byteCount: 4096)
+                }
+            }
+            #expect(failed == nil, "pass \(pass): \(failed ?? "")")
+            #expect(difference(got, ref) == nil, "pass \(pass)")
+        }
+        close(fd)
+        try scratch.unmount(mnt)
+    }
+
     @Test("bad backing chains fail with a clear error and leave nothing mounted")
     func badChains() throws {
         let scratch = try Scratch("bad")

@@ -19,6 +19,10 @@ public protocol BlockDriver: AnyObject, Sendable {
     func attach(_ children: BlockChildren)
 
     func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws
+    /// Reads the range without waiting for anything (I/O, a metadata load, an async lock) and without a thread
+    /// switch, when everything it needs is already in memory; returns false, leaving the buffer undefined, when
+    /// `read` must do it. Errors are `read`'s to report: here they are a false.
+    func readIfCached(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) -> Bool
     /// Writes; `.fua` arrives only if the driver handles it (the node flushes after the write otherwise).
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags) async throws
     /// Makes the range read as zeros; `.mayUnmap` lets the driver free the storage behind it, `.noFallback`
@@ -54,6 +58,7 @@ extension BlockDriver {
     public var limits: BlockLimits { BlockLimits() }
     public var writesInPlace: Bool { false }
     public var handlesFUA: Bool { false }
+    public func readIfCached(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) -> Bool { false }
     public func attach(_ children: BlockChildren) {}
     public func reopen(readOnly: Bool) async throws {
         if !readOnly { throw BlockError.unsupported("\(format.rawValue) images cannot be written by imgfs yet") }

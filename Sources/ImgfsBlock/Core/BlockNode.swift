@@ -67,6 +67,18 @@ public final class BlockNode: Sendable {
         }
     }
 
+    /// Reads the range at once, on the calling thread, if nothing has to be waited for: no conflicting request in
+    /// flight, no drained section, and the driver has everything cached (`BlockDriver.readIfCached`). Returns false
+    /// when `read`/`readUpTo` must serve it, also when the disk has shrunk below the range meanwhile.
+    public func readIfCached(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        guard offset >= 0, let request = requests.tryBegin(offset: offset, length: Int64(buffer.count), kind: .read)
+        else { return false }
+        defer { requests.end(request) }
+        // Looked at once registered, as `readUpTo` does; the short read a shrunk disk needs is its job.
+        guard offset <= length, Int64(buffer.count) <= length - offset else { return false }
+        return buffer.isEmpty || driver.readIfCached(at: offset, into: buffer)
+    }
+
     /// Reads any range: bytes past the end of this disk read as zeros. Drivers call this on their backing node.
     public func readZeroPadded(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         let count = try await readUpTo(at: offset, into: buffer)

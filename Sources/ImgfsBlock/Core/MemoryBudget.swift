@@ -36,13 +36,7 @@ public final class MemoryBudget: Sendable {
     /// Takes `bytes` for a request, waiting while the budget is spent (one request larger than the whole limit
     /// waits only for an empty budget).
     public func reserveForRequest(_ bytes: Int) async {
-        let granted = state.withLock { state -> Bool in
-            guard state.waiters.isEmpty, fits(bytes, state) else { return false }
-            state.used += bytes
-            state.peak = max(state.peak, state.used)
-            return true
-        }
-        if granted { return }
+        if tryReserveForRequest(bytes) { return }
         await withUnsafeContinuation { continuation in
             let now = state.withLock { state -> Bool in
                 // Checked again under the lock the release path takes, so no release goes unseen.
@@ -55,6 +49,16 @@ public final class MemoryBudget: Sendable {
                 return false
             }
             if now { continuation.resume() }
+        }
+    }
+
+    /// Takes `bytes` for a request only if they fit now and nobody waits before it.
+    public func tryReserveForRequest(_ bytes: Int) -> Bool {
+        state.withLock { state in
+            guard state.waiters.isEmpty, fits(bytes, state) else { return false }
+            state.used += bytes
+            state.peak = max(state.peak, state.used)
+            return true
         }
     }
 

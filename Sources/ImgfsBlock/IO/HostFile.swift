@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Synchronization
 
 /// A file on the host: the protocol layer under every format driver.
 ///
@@ -13,6 +14,9 @@ public final class HostFile: Sendable {
     private let readOnlyState: Locked<Bool>
     public let executor: IOExecutor
     public let engine: any IOEngine
+    /// Set once RWF_NOWAIT turns out unsupported here (an old kernel or an odd file system), so a caller's fast
+    /// path costs no failing system call per request from then on.
+    private let noWaitUnsupported = Atomic<Bool>(false)
 
     /// The (device, inode) pair, used to detect a backing chain that names a file twice.
     public struct Identity: Hashable, Sendable {
@@ -144,6 +148,28 @@ public final class HostFile: Sendable {
         if n != buffer.count {
             throw BlockError.corrupt("\(path): \(buffer.count) bytes at offset \(offset) lie past the end of the file")
         }
+    }
+
+    /// Reads the range only if the page cache already holds it, without waiting for I/O or locks
+    /// (`preadv2(RWF_NOWAIT)`); returns the count (short only at end of file), or nil when the read would block
+    /// or fails, for the caller to retry on its async path, which reports errors properly.
+    public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) -> Int? {
+        if noWaitUnsupported.load(ordering: .relaxed) { return nil }
+        var done = 0
+        while done < buffer.count {
+            let rest = UnsafeMutableRawBufferPointer(rebasing: buffer[done...])
+            let n = linuxPreadv2(descriptor, rest, at: offset + Int64(done), flags: LinuxReadFlags.noWait)
+            if n < 0 {
+                let code = errno
+                if code == EINTR { continue }
+                if code == EOPNOTSUPP || code == ENOSYS { noWaitUnsupported.store(true, ordering: .relaxed) }
+                return nil
+            }
+            if n == 0 { break }
+            // A short count means the rest is not cached (or the file ends): asking again tells which.
+            done += n
+        }
+        return done
     }
 
     public func pwriteAll(_ buffer: UnsafeRawBufferPointer, at offset: Int64) throws {

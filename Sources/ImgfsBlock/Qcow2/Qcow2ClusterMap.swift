@@ -33,22 +33,51 @@ final class Qcow2ClusterMap: Sendable {
     /// Compressed runs never pass the end of their cluster; data runs merge clusters whose host offsets follow
     /// each other, so a reader can issue one pread per run.
     func run(at guestOffset: Int64, maxLength: Int64) async throws -> Qcow2Run {
+        switch try locate(guestOffset, maxLength: maxLength) {
+        case .run(let run):
+            return run
+        case .table(let l2Offset, let limit):
+            let table = try await cache.table(at: l2Offset, clusterSize: layout.clusterSize, file: file)
+            return try runInTable(table, guestOffset: guestOffset, limit: limit)
+        }
+    }
+
+    /// `run(at:maxLength:)` from cached tables only: nil when its L2 table is not cached, or the entry is invalid
+    /// (`run` then loads the table or reports the problem). Never waits, so a FUSE loop thread may call it.
+    func cachedRun(at guestOffset: Int64, maxLength: Int64) -> Qcow2Run? {
+        switch try? locate(guestOffset, maxLength: maxLength) {
+        case .run(let run)?:
+            return run
+        case .table(let l2Offset, let limit)?:
+            guard let table = cache.cached(at: l2Offset) else { return nil }
+            return try? runInTable(table, guestOffset: guestOffset, limit: limit)
+        case nil:
+            return nil
+        }
+    }
+
+    /// Where the L1 table sends a lookup: a whole run already (no L2 table), or the L2 table to look in.
+    private enum Location {
+        case run(Qcow2Run)
+        case table(l2Offset: Int64, limit: Int64)
+    }
+
+    private func locate(_ guestOffset: Int64, maxLength: Int64) throws -> Location {
         let tableSpan = layout.bytesPerL2Table
         let l1Index = guestOffset / tableSpan
         let spanEnd = (l1Index + 1) * tableSpan
         let limit = min(maxLength, spanEnd - guestOffset)
         guard l1Index < Int64(l1.count) else {
             // Only a snapshot view can get here (the active L1 is checked against the size at open).
-            return Qcow2Run(state: .unallocated, length: limit)
+            return .run(Qcow2Run(state: .unallocated, length: limit))
         }
         let l2Offset: Int64
         switch Qcow2L2Entry.l2TableOffset(l1Entry: l1[Int(l1Index)], layout: layout) {
         case .success(let offset): l2Offset = offset
         case .failure(let problem): throw corrupt(guestOffset, problem)
         }
-        if l2Offset == 0 { return Qcow2Run(state: .unallocated, length: limit) }
-        let table = try await cache.table(at: l2Offset, clusterSize: layout.clusterSize, file: file)
-        return try runInTable(table, guestOffset: guestOffset, limit: limit)
+        if l2Offset == 0 { return .run(Qcow2Run(state: .unallocated, length: limit)) }
+        return .table(l2Offset: l2Offset, limit: limit)
     }
 
     private func runInTable(_ table: Qcow2L2Table, guestOffset: Int64, limit: Int64) throws -> Qcow2Run {

@@ -164,6 +164,38 @@ public final class Qcow2Driver: BlockDriver {
         try await inflate(compressed)
     }
 
+    /// Serves the range only where the L2 tables are cached and every run is plain data already in the page cache,
+    /// zeros, or unallocated with no backing file; compressed clusters and backing reads are `read`'s.
+    public func readIfCached(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        var backingChecked = false
+        var done = 0
+        while done < buffer.count {
+            let position = offset + Int64(done)
+            guard let run = clusterMap.cachedRun(at: position, maxLength: Int64(buffer.count - done)) else {
+                return false
+            }
+            let count = Int(min(run.length, Int64(buffer.count - done)))
+            let target = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + count)])
+            switch run.state {
+            case .data(let host):
+                // Short means past the end of the file: corrupt, which `read` reports.
+                guard file.readIfCached(into: target, at: host) == count else { return false }
+            case .zero:
+                target.initializeMemory(as: UInt8.self, repeating: 0)
+            case .unallocated:
+                if !backingChecked {
+                    guard backingNode == nil else { return false }
+                    backingChecked = true
+                }
+                target.initializeMemory(as: UInt8.self, repeating: 0)
+            case .compressed:
+                return false
+            }
+            done += count
+        }
+        return true
+    }
+
     /// A compressed cluster's share of a read: which bytes of it go where in the caller's buffer.
     private struct CompressedPiece: Sendable {
         let descriptor: Qcow2CompressedCluster

@@ -36,6 +36,14 @@ public final class RawDriver: BlockDriver {
         }
     }
 
+    public func readIfCached(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        guard let n = file.readIfCached(into: buffer, at: offset) else { return false }
+        if n < buffer.count {
+            UnsafeMutableRawBufferPointer(rebasing: buffer[n...]).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+        return true
+    }
+
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags) async throws {
         if guardsProbe && offset < Int64(Self.probeBytes) { return try await writeFirstSector(at: offset, from: buffer) }
         try await file.write(buffer, at: offset)

@@ -156,6 +156,36 @@ public final class TrackedRequests: Sendable {
         return request
     }
 
+    /// Registers a request only if it may run at once: nil, and nothing registered, when `begin` would have to
+    /// wait (a conflicting earlier request, or a drained section). For callers that must not suspend, such as a
+    /// FUSE loop thread serving a cached read; pair a non-nil result with `end`.
+    public func tryBegin(
+        offset: Int64,
+        length: Int64,
+        kind: TrackedRequestKind,
+        serialising: Bool = false,
+        alignment: Int64 = 1
+    ) -> TrackedRequest? {
+        precondition(offset >= 0 && length >= 0 && length <= Int64.max - offset, "tracked range out of bounds")
+        precondition(alignment > 0, "alignment must be positive")
+        let range = serialising ? Self.roundOut(offset..<(offset + length), to: alignment) : offset..<(offset + length)
+        return state.withLock { state -> TrackedRequest? in
+            if state.drainDepth > 0 { return nil }
+            if serialising || state.serialisingCount > 0 {
+                for other in state.entries where (serialising || other.isSerialising) && other.range.overlaps(range) {
+                    return nil
+                }
+            }
+            let id = state.nextID
+            state.nextID += 1
+            state.entries.append(Entry(id: id, range: range, isSerialising: serialising, blockers: 0, isHeld: false,
+                                       continuation: nil))
+            if serialising { state.serialisingCount += 1 }
+            return TrackedRequest(offset: offset, length: length, kind: kind, isSerialising: serialising,
+                                  overlapRange: range, id: id)
+        }
+    }
+
     /// Registers a truncate from `oldLength` to `newLength`: serialising, over everything from the lower of the
     /// two to the end of the address space, so it waits for every request touching the bytes that appear or go.
     public func beginTruncate(from oldLength: Int64, to newLength: Int64, alignment: Int64 = 1) async -> TrackedRequest {

@@ -1,0 +1,185 @@
+import Foundation
+import Testing
+@testable import ImgfsBlock
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A file of `bytes` in `directory`, written and flushed (so its pages are clean and can be dropped).
+private func makeFile(_ bytes: [UInt8], in directory: String = NSTemporaryDirectory()) throws -> String {
+    let path = directory + "/imgfs-nowait-\(UUID().uuidString)"
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    guard fd >= 0 else { throw BlockError.system(errno: errno, operation: "open", path: path) }
+    defer { close(fd) }
+    let written = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+    guard written == bytes.count, fsync(fd) == 0 else { throw BlockError.system(errno: errno, operation: "write", path: path) }
+    return path
+}
+
+/// Asks the kernel to forget the file's cached pages (clean ones only; best effort).
+private func dropPageCache(_ file: HostFile) {
+    _ = posix_fadvise(file.descriptor, 0, 0, POSIX_FADV_DONTNEED)
+}
+
+private func patterned(_ count: Int, seed: UInt8 = 7) -> [UInt8] {
+    (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed) &+ $0 >> 12) }
+}
+
+/// Calls `body` with a fresh buffer of `count` bytes filled with 0xEE, so bytes left unwritten show.
+private func withPoisonedBuffer<T>(_ count: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> T) rethrows -> T {
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 64)
+    defer { buffer.deallocate() }
+    buffer.initializeMemory(as: UInt8.self, repeating: 0xEE)
+    return try body(buffer)
+}
+
+@Suite struct HostFileReadIfCachedTests {
+    @Test func aCachedRangeReadsAtOnceAndStopsAtTheEndOfTheFile() throws {
+        let bytes = patterned(300_000)
+        let path = try makeFile(bytes)
+        defer { unlink(path) }
+        let file = try HostFile.open(path, readOnly: true)
+        // The write above left the pages cached; a blocking read makes sure.
+        try withPoisonedBuffer(bytes.count) { _ = try file.preadSome($0, at: 0) }
+        withPoisonedBuffer(70_001) { buffer in
+            #expect(file.readIfCached(into: buffer, at: 12_345) == buffer.count)
+            #expect(Array(buffer) == Array(bytes[12_345..<(12_345 + 70_001)]))
+        }
+        // Short only where the file ends; nothing at all past it.
+        withPoisonedBuffer(10_000) { buffer in
+            #expect(file.readIfCached(into: buffer, at: 295_000) == 5_000)
+            #expect(Array(buffer[..<5_000]) == Array(bytes[295_000...]))
+            #expect(file.readIfCached(into: buffer, at: 400_000) == 0)
+        }
+    }
+
+    @Test func aRangeNotInThePageCacheIsDeclined() throws {
+        // A disk-backed path: tmpfs pages are always "cached".
+        let bytes = patterned(8 << 20)
+        let path = try makeFile(bytes, in: "/var/tmp")
+        defer { unlink(path) }
+        let file = try HostFile.open(path, readOnly: true)
+        let tries = 20
+        // Whether this file system shows a dropped page as a miss at all: the raw call, seen once, says so.
+        var observable = false
+        for _ in 0..<tries where !observable {
+            dropPageCache(file)
+            observable = withPoisonedBuffer(65_536) { buffer in
+                linuxPreadv2(file.descriptor, buffer, at: 4 << 20, flags: LinuxReadFlags.noWait) < 0 && errno == EAGAIN
+            }
+        }
+        var declined = false
+        for _ in 0..<tries where !declined {
+            dropPageCache(file)
+            declined = withPoisonedBuffer(65_536) { file.readIfCached(into: $0, at: 2 << 20) == nil }
+        }
+        if observable { #expect(declined, "RWF_NOWAIT reported EAGAIN, yet readIfCached never declined a dropped range") }
+        // Whatever it said, a blocking read brings the range in and the next try is a hit with the right bytes.
+        try withPoisonedBuffer(65_536) { buffer in
+            _ = try file.preadSome(buffer, at: 2 << 20)
+            buffer.initializeMemory(as: UInt8.self, repeating: 0xEE)
+            #expect(file.readIfCached(into: buffer, at: 2 << 20) == 65_536)
+            #expect(Array(buffer) == Array(bytes[(2 << 20)..<((2 << 20) + 65_536)]))
+        }
+    }
+}
+
+@Suite struct DriverReadIfCachedTests {
+    @Test func rawReadsCachedRangesLikeItsAsyncRead() async throws {
+        let scratch = try QemuScratch()
+        let bytes = patterned(1 << 20, seed: 3)
+        _ = FileManager.default.createFile(atPath: scratch.path("a.raw"), contents: Data(bytes))
+        let node = try await openImage(scratch.path("a.raw"))
+        _ = try await readAll(node)
+        for (offset, count) in [(0, 4096), (4095, 2), (333_333, 200_001), ((1 << 20) - 4096, 4096)] {
+            withPoisonedBuffer(count) { buffer in
+                #expect(node.readIfCached(at: Int64(offset), into: buffer))
+                #expect(Array(buffer) == Array(bytes[offset..<(offset + count)]), "\(count)@\(offset)")
+            }
+        }
+        // Past the end of the disk it is the async path's job (a short read).
+        withPoisonedBuffer(8192) { #expect(!node.readIfCached(at: (1 << 20) - 4096, into: $0)) }
+    }
+
+    /// An image holding every kind of cluster: data, zero, unallocated, compressed, and (with `backing`) ranges
+    /// the backing file supplies.
+    private func mixedImage(_ scratch: QemuScratch, backing: Bool) throws -> String {
+        let name = backing ? "top.qcow2" : "solo.qcow2"
+        if backing {
+            try scratch.qemuImg("create", "-q", "-f", "raw", scratch.path("base.raw"), "8M")
+            try scratch.qemuIO("base.raw", format: "raw", ["write -P 0xbb 0 8M"])
+            try scratch.qemuImg("create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", scratch.path(name), "8M")
+        } else {
+            try scratch.qemuImg("create", "-q", "-f", "qcow2", scratch.path(name), "8M")
+        }
+        try scratch.qemuIO(name, [
+            "write -P 0x11 0 1M", "write -P 0x12 1100k 300000", "write -z 256k 128k", "write -z 2M 192k",
+            "write -c -P 0x33 3M 128k", "write -c -P 0x34 4M 64k", "write -P 0x55 5M 64k", "write -P 0x56 6M 1M",
+            "discard 6400k 64k",
+        ])
+        return name
+    }
+
+    @Test(arguments: [false, true])
+    func qcow2AgreesWithItsAsyncReadWhereItAccepts(backing: Bool) async throws {
+        let scratch = try QemuScratch()
+        let name = try mixedImage(scratch, backing: backing)
+        let expected = try scratch.rawContents(name)
+        let node = try await openImage(scratch.path(name))
+        // The async path warms the L2 cache and the host page cache, and must itself agree with qemu-img.
+        #expect(try await readAll(node) == expected)
+        let driver = node.driver
+        var accepted = 0
+        for chunk in [4096, 65_536, 100_003, 1 << 20] {
+            var offset = 0
+            while offset < expected.count {
+                let count = min(chunk, expected.count - offset)
+                let status = try await node.chainBlockStatus(at: Int64(offset), length: Int64(count))
+                let whole = status.length >= Int64(count)
+                let compressed = whole && status.kind == .data && status.hostOffset == nil
+                // A chain that ends says `.hole` one level below its last node: zeros, no backing read.
+                let fromBacking = whole && status.depth > 0 && status.kind != .hole
+                let plain = whole && !compressed && !fromBacking
+                withPoisonedBuffer(count) { buffer in
+                    let hit = driver.readIfCached(at: Int64(offset), into: buffer)
+                    if hit {
+                        accepted += 1
+                        #expect(Array(buffer) == Array(expected[offset..<(offset + count)]), "\(count)@\(offset)")
+                    }
+                    #expect(!(hit && (compressed || fromBacking)), "accepted \(count)@\(offset): compressed or backing")
+                    // Everything is cached now: plain data, zeros and holes without backing must be accepted.
+                    #expect(hit || !plain, "declined \(count)@\(offset), \(status.kind) at depth \(status.depth)")
+                }
+                offset += count
+            }
+        }
+        #expect(accepted > 0)
+    }
+
+    @Test func qcow2DeclinesUntilItsL2TableIsCached() async throws {
+        let scratch = try QemuScratch()
+        let name = try mixedImage(scratch, backing: false)
+        let node = try await openImage(scratch.path(name))
+        withPoisonedBuffer(4096) { #expect(!node.readIfCached(at: 0, into: $0)) }
+        _ = try await readNode(node, at: 0, count: 4096)
+        withPoisonedBuffer(4096) { buffer in
+            #expect(node.readIfCached(at: 0, into: buffer))
+            #expect(Array(buffer) == [UInt8](repeating: 0x11, count: 4096))
+        }
+    }
+
+    @Test func aNodeDeclinesWhileAConflictingRequestIsInFlight() async throws {
+        let scratch = try QemuScratch()
+        _ = FileManager.default.createFile(atPath: scratch.path("a.raw"), contents: Data(patterned(1 << 20)))
+        let node = try await openImage(scratch.path("a.raw"))
+        _ = try await readAll(node)
+        let write = await node.requests.begin(offset: 0, length: 4096, kind: .write, serialising: true)
+        withPoisonedBuffer(4096) { buffer in
+            #expect(!node.readIfCached(at: 0, into: buffer))
+            #expect(node.readIfCached(at: 8192, into: buffer))
+        }
+        node.requests.end(write)
+        withPoisonedBuffer(4096) { #expect(node.readIfCached(at: 0, into: $0)) }
+        #expect(node.requests.inFlightCount == 0)
+    }
+}
