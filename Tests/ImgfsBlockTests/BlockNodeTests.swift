@@ -165,3 +165,32 @@ import ImgfsTestSupport
         #expect(budget.used == 0)
     }
 }
+
+/// Reads that miss the page cache may go around it with O_DIRECT; results must not change.
+@Suite struct DirectHostReadTests {
+    @Test func alignedMissesReadTheSameBytesAroundThePageCache() async throws {
+        // On /var/tmp (a disk file system): tmpfs refuses O_DIRECT, which must fall back quietly.
+        for directory in ["/var/tmp", "/tmp"] {
+            let path = directory + "/imgfs-direct-\(UInt64.random(in: 0...UInt64.max)).img"
+            defer { unlink(path) }
+            let bytes = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) }
+            FileManager.default.createFile(atPath: path, contents: Data(bytes))
+            let file = try HostFile.open(path, readOnly: true)
+            HostReadPolicy.configure(directMisses: true)
+            defer { HostReadPolicy.configure(directMisses: false) }
+            _ = posix_fadvise(file.descriptor, 0, 0, POSIX_FADV_DONTNEED)
+            let aligned = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 4096)
+            defer { aligned.deallocate() }
+            for offset in [0, 4096, 1 << 19, (1 << 20) - 65536] {
+                #expect(try await file.read(into: aligned, at: Int64(offset)) == 65536)
+                #expect(Array(aligned) == Array(bytes[offset..<(offset + 65536)]), "\(directory) at \(offset)")
+            }
+            // Past the end: short, as buffered reads are.
+            #expect(try await file.read(into: aligned, at: (1 << 20) - 4096) == 4096)
+            // Unaligned reads take the buffered path.
+            let odd = UnsafeMutableRawBufferPointer(rebasing: aligned[1..<1001])
+            #expect(try await file.read(into: odd, at: 7) == 1000)
+            #expect(Array(odd) == Array(bytes[7..<1007]))
+        }
+    }
+}

@@ -27,6 +27,16 @@ func linuxPreadv2(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, at offse
 }
 
 /// preadv2 flags from linux/fs.h, stable ABI.
+/// open(2) flags Swift's Glibc does not export (asm-generic/fcntl.h values used on x86_64 and arm64).
+enum LinuxOpenFlags {
+    /// Transfer straight between the device and the buffer, bypassing the page cache.
+    #if arch(arm64)
+    static let direct: Int32 = 0o200000
+    #else
+    static let direct: Int32 = 0o40000
+    #endif
+}
+
 enum LinuxReadFlags {
     /// Fail with EAGAIN rather than wait for I/O (data not in the page cache, a lock held).
     static let noWait: Int32 = 0x08
