@@ -71,7 +71,7 @@ extension FuseServer {
             return buffers.recycle(buffer, count: length)
         }
         let handed = ready.map(UncheckedSendable.init)
-        beginAsync(request) {
+        beginInlineIfIdle(request) {
             var buffer = handed?.value
             if buffer == nil { buffer = await buffers.take(length) }
             let owned = UncheckedSendable(buffer!)

@@ -39,6 +39,12 @@ public final class IOExecutor: TaskExecutor, @unchecked Sendable {
         pthread_getspecific(threadKey) != nil
     }
 
+    /// Whether the calling thread runs its own async work to completion and waits for it anyway (a FUSE loop thread
+    /// serving a request inline, the CLI's main thread): a plain blocking system call costs it least.
+    public static var isCurrentThreadCallerThread: Bool {
+        pthread_getspecific(threadKey) == UnsafeMutableRawPointer(bitPattern: 1)
+    }
+
     /// Lets the calling thread (one of ours that may block, such as a FUSE loop thread) do host I/O inline.
     static func allowBlockingOnCurrentThread() {
         pthread_setspecific(threadKey, UnsafeRawPointer(bitPattern: 1))
