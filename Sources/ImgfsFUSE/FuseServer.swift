@@ -108,9 +108,13 @@ public final class FuseServer: @unchecked Sendable {
     }
 
     /// Starts answering a request later: the mount does not shut down while any is pending.
+    ///
+    /// The task starts on this loop thread and runs until its first suspension (the host I/O submitted), then
+    /// resumes on the I/O threads: one thread switch per request fewer than enqueueing it. Nothing before that
+    /// point blocks: host I/O goes through the engine and CPU work to the compute pool.
     func beginAsync(_ request: FuseRequest, _ work: @escaping @Sendable () async throws -> Void) {
         inFlight.add(1, ordering: .relaxed)
-        Task(executorPreference: executor) {
+        Task.immediate(executorPreference: executor) {
             await self.answer(request, work)
             self.inFlight.subtract(1, ordering: .releasing)
         }

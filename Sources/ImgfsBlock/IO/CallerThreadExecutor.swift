@@ -28,7 +28,9 @@ public final class CallerThreadExecutor: TaskExecutor, @unchecked Sendable {
     /// Runs `operation` on this thread (anything it awaits resumes here too) and returns its result once it has
     /// finished.
     public static func run<T>(_ operation: @escaping @Sendable () async throws -> T) throws -> T {
-        IOExecutor.allowBlockingOnCurrentThread()
+        // Only while the work runs: a FUSE loop thread must not count as one that may block afterwards.
+        let previousMark = IOExecutor.allowBlockingOnCurrentThread()
+        defer { IOExecutor.restoreThreadMark(previousMark) }
         let executor = CallerThreadExecutor()
         // Written by the task before `finish()`, read after `drain()` returns: the mutex orders the two.
         nonisolated(unsafe) var result: Result<T, Error>?

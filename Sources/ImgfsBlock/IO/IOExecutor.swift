@@ -45,9 +45,16 @@ public final class IOExecutor: TaskExecutor, @unchecked Sendable {
         pthread_getspecific(threadKey) == UnsafeMutableRawPointer(bitPattern: 1)
     }
 
-    /// Lets the calling thread (one of ours that may block, such as a FUSE loop thread) do host I/O inline.
-    static func allowBlockingOnCurrentThread() {
+    /// Lets the calling thread (one of ours that may block, such as a FUSE loop thread) do host I/O inline until
+    /// `restoreThreadMark` puts back what this returns.
+    static func allowBlockingOnCurrentThread() -> UnsafeMutableRawPointer? {
+        let previous = pthread_getspecific(threadKey)
         pthread_setspecific(threadKey, UnsafeRawPointer(bitPattern: 1))
+        return previous
+    }
+
+    static func restoreThreadMark(_ previous: UnsafeMutableRawPointer?) {
+        pthread_setspecific(threadKey, previous)
     }
 
     private static let threadKey: pthread_key_t = {
