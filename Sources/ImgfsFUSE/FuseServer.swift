@@ -14,7 +14,9 @@ import Glibc
 public final class FuseServer: @unchecked Sendable {
     public let configuration: MountConfiguration
     let tree: MountTree
-    let executor: IOExecutor
+    /// Where request tasks run after their first suspension: io_uring's completion thread where the engine has
+    /// one (a completion resumes its task with no thread switch), else the I/O threads.
+    let executor: any TaskExecutor
     let logger: Logger
     let buffers: BufferPool
     private let inFlight = Atomic<Int>(0)
@@ -28,7 +30,7 @@ public final class FuseServer: @unchecked Sendable {
                 budget: MemoryBudget = .unlimited, logger: Logger = Logger(label: "imgfs.fuse")) {
         self.configuration = configuration
         self.tree = MountTree(root: root)
-        self.executor = executor
+        self.executor = SharedIOEngine.engine.taskExecutor ?? executor
         self.logger = logger
         self.buffers = BufferPool(bufferSize: configuration.maxRequestBytes, capacity: 64, budget: budget)
     }

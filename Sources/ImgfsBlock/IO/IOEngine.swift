@@ -27,9 +27,14 @@ public protocol IOEngine: Sendable {
     func fdatasync(fd: Int32, path: String) async throws
     /// fallocate(2) with Linux mode bits (`FallocateMode`).
     func fallocate(fd: Int32, mode: Int32, offset: Int64, length: Int64, path: String) async throws
+    /// Where tasks doing I/O through this engine resume cheapest, if the engine has such a place (io_uring's
+    /// completion thread); nil means the I/O threads.
+    var taskExecutor: (any TaskExecutor)? { get }
 }
 
 extension IOEngine {
+    public var taskExecutor: (any TaskExecutor)? { nil }
+
     /// iovecs for the vectored calls; the caller keeps the buffers alive until the call returns.
     static func iovecs(_ buffers: [UnsafeMutableRawBufferPointer]) -> [iovec] {
         buffers.map { iovec(iov_base: $0.baseAddress, iov_len: $0.count) }

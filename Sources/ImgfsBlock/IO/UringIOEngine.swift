@@ -23,6 +23,8 @@ public final class UringIOEngine: IOEngine {
     /// Requests submitted and not yet completed, for tests that show the queue depth.
     var inFlight: Int { ring.inFlightCount }
 
+    public var taskExecutor: (any TaskExecutor)? { ring }
+
     public func read(fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: Int64, path: String)
         async throws -> Int {
         try await complete(.read(fd: fd, buffer: buffer.baseAddress, count: Self.clamp(buffer.count),
@@ -98,6 +100,8 @@ enum UringOperation {
     case writev(fd: Int32, vectors: UnsafePointer<iovec>, count: UInt32, offset: UInt64)
     case fdatasync(fd: Int32)
     case fallocate(fd: Int32, mode: Int32, offset: Int64, length: Int64)
+    /// Does nothing; its completion wakes the completion thread for work queued on it.
+    case nop
 
     func prepare(_ sqe: UnsafeMutablePointer<io_uring_sqe>) {
         switch self {
@@ -113,6 +117,8 @@ enum UringOperation {
             io_uring_prep_fsync(sqe, fd, UInt32(IORING_FSYNC_DATASYNC))
         case .fallocate(let fd, let mode, let offset, let length):
             io_uring_prep_fallocate(sqe, fd, mode, off_t(offset), off_t(length))
+        case .nop:
+            io_uring_prep_nop(sqe)
         }
     }
 }
