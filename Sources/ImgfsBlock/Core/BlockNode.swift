@@ -158,6 +158,9 @@ public final class BlockNode: Sendable {
             }
             if readOnly { try await driver.flush() }
             if let file = children.file {
+                // Released first and explicitly: the old open file description may outlive the swap (io_uring can
+                // still hold it), and its locks would then refuse the new ones.
+                ImageLock.unlock(file)
                 try file.reopen(readOnly: readOnly)
                 try ImageLock.lock(file, mode: readOnly ? .readOnly : .readWrite)
             }
