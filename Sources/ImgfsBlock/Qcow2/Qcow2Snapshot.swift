@@ -13,6 +13,8 @@ struct Qcow2Snapshot: Sendable {
     struct Table: Sendable {
         var entries: [Qcow2Snapshot] = []
         var warnings: [String] = []
+        /// Bytes from the table's offset to the end of its last entry read (what QEMU's check counts).
+        var byteCount: Int64 = 0
     }
 
     /// Parses `count` entries starting at `offset`; every length is bounded before it is used.
@@ -57,6 +59,7 @@ struct Qcow2Snapshot: Sendable {
                 leaveOut("extra data size \(extraSize) exceeds \(maxExtraDataBytes)")
             }
             let entryBytes = Int64(fixedEntryBytes) + Int64(variableBytes)
+            table.byteCount = position + entryBytes - offset
             position += (entryBytes + 7) & ~7
             index += 1
         }
