@@ -58,6 +58,7 @@ struct CheckCommand: ParsableCommand {
     private func json(_ result: Qcow2CheckResult) -> String {
         var fields: [(String, InfoValue)] = []
         if result.imageEndOffset != 0 { fields.append(("image-end-offset", .int(result.imageEndOffset))) }
+        if result.compressedClusters != 0 { fields.append(("compressed-clusters", .int(result.compressedClusters))) }
         if result.totalClusters != 0 { fields.append(("total-clusters", .int(result.totalClusters))) }
         fields.append(("check-errors", .int(Int64(result.checkErrors))))
         if result.leaks != 0 { fields.append(("leaks", .int(Int64(result.leaks)))) }
@@ -66,7 +67,6 @@ struct CheckCommand: ParsableCommand {
         fields.append(("filename", .string(image)))
         fields.append(("format", .string("qcow2")))
         if result.fragmentedClusters != 0 { fields.append(("fragmented-clusters", .int(result.fragmentedClusters))) }
-        if result.compressedClusters != 0 { fields.append(("compressed-clusters", .int(result.compressedClusters))) }
         return InfoValue.object(fields).json()
     }
 
