@@ -8,7 +8,7 @@ struct CheckCommand: ParsableCommand {
         abstract: "Check a qcow2 image's metadata for leaks and corruptions (read-only).",
         discussion: """
             Exit status as qemu-img check: 0 no problems, 1 the check could not complete, 2 corruptions, \
-            3 leaked clusters only. JSON field names follow `qemu-img check --output=json`.
+            3 leaked clusters only, 63 the format has no check (raw). JSON field names follow `qemu-img check --output=json`.
             """)
 
     enum Output: String, ExpressibleByArgument { case human, json }
@@ -34,9 +34,9 @@ struct CheckCommand: ParsableCommand {
             throw ExitCode(1)
         }
         guard let result = outcome.1 else {
-            // qemu-img says the same of formats without a check and exits 0.
-            print(TerminalText.escape("This image format (\(outcome.0.rawValue)) does not support checks"))
-            return
+            // qemu-img's words and status (63) for formats without a check.
+            Diagnostics.error("This image format (\(outcome.0.rawValue)) does not support checks")
+            throw ExitCode(63)
         }
         for message in result.messages { Diagnostics.write(TerminalText.escape(message) + "\n") }
         if result.omittedMessages > 0 {

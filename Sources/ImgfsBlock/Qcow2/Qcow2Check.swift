@@ -12,7 +12,8 @@ public struct Qcow2Check {
     private let layout: Qcow2Layout
     private let clusterSize: Int64
     private let clusterBits: Int64
-    /// Host clusters of the file, rounded up; references beyond it are kept aside in `beyondEnd`.
+    /// Host clusters of the file, rounded up; references just past it (less than a cluster past the end of the
+    /// file) are kept aside in `beyondEnd`.
     private let fileClusters: Int
     private let refcountBits: Int
     private let refcountMax: UInt64
@@ -121,12 +122,16 @@ public struct Qcow2Check {
     /// Counts one reference to every cluster `bytes` bytes from `offset` touch.
     private mutating func reference(_ offset: Int64, bytes: Int64) {
         guard bytes > 0, offset >= 0 else { return }
-        let (end, overflow) = offset.addingReportingOverflow(bytes - 1)
-        guard !overflow else {
+        // The last cluster may be partly past the end of the file, but QEMU refuses (and counts as a corruption)
+        // a reference a whole cluster or more past it, rather than counting it as a reference.
+        let (limit, overflow) = offset.addingReportingOverflow(bytes)
+        guard !overflow, limit - layout.fileSize < clusterSize else {
             result.corruptions += 1
-            result.report("ERROR reference at \(offset) (+\(bytes) bytes) overflows")
+            result.report("ERROR: counting reference for region exceeding the end of the file by one cluster or more: " +
+                          "offset 0x\(String(offset, radix: 16)) size 0x\(String(bytes, radix: 16))")
             return
         }
+        let end = limit - 1
         for cluster in (offset >> clusterBits)...(end >> clusterBits) {
             let current = cluster < Int64(fileClusters) ? expected[Int(cluster)] : beyondEnd[cluster, default: 0]
             if UInt64(current) >= refcountMax || current == UInt32.max {
