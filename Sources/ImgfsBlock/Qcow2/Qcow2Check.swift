@@ -362,30 +362,19 @@ public struct Qcow2Check {
     private mutating func compare() async throws {
         var highest: Int64 = 0
         let perBlock = entriesPerBlock
-        var cluster = 0
-        while cluster < fileClusters {
-            let tableIndex = cluster / perBlock
-            let blockEnd = min(fileClusters, (tableIndex + 1) * perBlock)
-            var block: [UInt8]? = nil
-            var readable = true
-            if tableIndex < refcountTable.count {
-                let offset = refcountTable[tableIndex] & ~Self.refcountReservedMask
-                if offset & UInt64(clusterSize - 1) != 0 {
-                    readable = false
-                } else if offset != 0 {
-                    block = try await readBytesZeroFilled(at: Int64(offset), count: Int(clusterSize))
-                }
+        for index in 0..<fileClusters {
+            let tableIndex = index / perBlock
+            if tableIndex < refcountTable.count && refcountTable[tableIndex] & ~Self.refcountReservedMask
+                & UInt64(clusterSize - 1) != 0 {
+                result.checkErrors += 1
+                result.report("ERROR: Can't get refcount for cluster \(index)")
+                continue
             }
-            for index in cluster..<blockEnd {
-                guard readable else {
-                    result.checkErrors += 1
-                    result.report("ERROR: Can't get refcount for cluster \(index)")
-                    continue
-                }
-                let storedValue = block.map { Self.decode($0, index: index - tableIndex * perBlock, bits: refcountBits) } ?? 0
-                compareOne(cluster: Int64(index), stored: storedValue, expected: UInt64(expected[index]), highest: &highest)
-            }
-            cluster = blockEnd
+            // Only a saturated value needs its block read again for the exact count.
+            let saturated = stored[index]
+            let storedValue = saturated < UInt32.max
+                ? UInt64(saturated) : try await exactStoredRefcount(cluster: Int64(index)) ?? 0
+            compareOne(cluster: Int64(index), stored: storedValue, expected: UInt64(expected[index]), highest: &highest)
         }
         for (index, references) in beyondEnd.sorted(by: { $0.key < $1.key }) {
             guard let storedValue = try await exactStoredRefcount(cluster: index) else {
