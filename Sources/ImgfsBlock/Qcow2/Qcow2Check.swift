@@ -1,8 +1,6 @@
 /// A read-only qcow2 consistency check: every reference the image holds, counted against the stored refcounts.
-///
-/// Counts follow `qemu-img check` so the two can be compared number for number. Not walked: an external data
-/// file and encryption headers (such images are refused at open), bitmap extension data beyond directory, tables
-/// and their clusters.
+// Counts follow `qemu-img check` so the two can be compared number for number. Not walked: an external data file
+// and encryption headers (images with either are refused before counting starts).
 public struct Qcow2Check {
     /// The most host clusters checked; two 32-bit counters per cluster are held in memory.
     public static let maxHostClusters = 1 << 28
