@@ -168,6 +168,26 @@ private func patchRefcount(_ scratch: QemuScratch, _ image: String, cluster: UIn
         #expect(result.corruptions == 1 && result.leaks > 0)
     }
 
+    @Test func misalignedL2Table() async throws {
+        let scratch = try QemuScratch()
+        try makeImage(scratch, "m.qcow2")
+        let l1Offset = value(try scratch.read("m.qcow2", at: 40, count: 8))
+        let entry = value(try scratch.read("m.qcow2", at: l1Offset, count: 8))
+        try scratch.patch("m.qcow2", at: l1Offset, bigEndian(entry + 0x200))
+        let result = try await expectSameCounts(scratch, "m.qcow2")
+        #expect(result.corruptions > 0 && result.leaks > 0)
+    }
+
+    /// An image killed during writes with lazy refcounts: the stored refcounts lag behind the references.
+    @Test func lazyRefcountsAfterACrash() async throws {
+        let scratch = try QemuScratch()
+        try scratch.qemuImg("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", scratch.path("lz.qcow2"), "32M")
+        _ = try runTool("qemu-io", ["-f", "qcow2", "-c", "write -P 1 0 1M", "-c", "write -P 2 10M 64k",
+                                    "-c", "sigraise 9", scratch.path("lz.qcow2")], check: false)
+        let result = try await expectSameCounts(scratch, "lz.qcow2")
+        #expect(result.corruptions > 0)
+    }
+
     @Test func refcountTablePastTheEndIsACleanError() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch, "h.qcow2")

@@ -164,7 +164,7 @@ public struct Qcow2Check {
             if l2Offset & (clusterSize - 1) != 0 {
                 result.corruptions += 1
                 result.report("ERROR l2_offset=\(String(l2Offset, radix: 16)): Table is not cluster aligned; L1 entry corrupted")
-                continue
+                // QEMU still walks the table from the offset given, and counts what it finds there.
             }
             if l2Offset == 0 { continue }
             try await walkL2(offset: l2Offset, active: active)
