@@ -188,6 +188,16 @@ private func patchRefcount(_ scratch: QemuScratch, _ image: String, cluster: UIn
         #expect(result.corruptions > 0)
     }
 
+    @Test func misalignedRefcountBlockIsACheckError() async throws {
+        let scratch = try QemuScratch()
+        try makeImage(scratch, "r.qcow2")
+        let tableOffset = value(try scratch.read("r.qcow2", at: 48, count: 8))
+        let block = value(try scratch.read("r.qcow2", at: tableOffset, count: 8))
+        try scratch.patch("r.qcow2", at: tableOffset, bigEndian(block + 0x200))
+        let result = try await expectSameCounts(scratch, "r.qcow2")
+        #expect(result.checkErrors > 0 && result.corruptions == 1, "\(result.messages.prefix(5))")
+    }
+
     @Test func refcountTablePastTheEndIsACleanError() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch, "h.qcow2")

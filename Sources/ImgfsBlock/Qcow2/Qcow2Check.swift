@@ -154,8 +154,8 @@ public struct Qcow2Check {
             reference(l2Offset, bytes: clusterSize)
             if active, l2Offset != 0 {
                 let copied = entry & Qcow2L2Entry.copiedFlag != 0
-                let refcount = try await storedRefcount(cluster: l2Offset >> clusterBits)
-                if (refcount == 1) != copied {
+                // As QEMU, an unreadable refcount is neither reported nor counted here: the comparison counts it.
+                if let refcount = try await storedRefcount(cluster: l2Offset >> clusterBits), (refcount == 1) != copied {
                     result.corruptions += 1
                     result.report("ERROR OFLAG_COPIED L2 cluster: l1_index=\(index) " +
                                   "l1_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
@@ -211,8 +211,7 @@ public struct Qcow2Check {
                 if nextContiguous != 0 && host != nextContiguous { result.fragmentedClusters += 1 }
                 nextContiguous = host &+ clusterSize
                 let copied = entry & Qcow2L2Entry.copiedFlag != 0
-                let refcount = try await storedRefcount(cluster: host >> clusterBits)
-                if (refcount == 1) != copied {
+                if let refcount = try await storedRefcount(cluster: host >> clusterBits), (refcount == 1) != copied {
                     result.corruptions += 1
                     result.report("ERROR OFLAG_COPIED data cluster: l2_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
                 }
@@ -336,11 +335,15 @@ public struct Qcow2Check {
         return Self.decode(block, index: Int(cluster % Int64(entriesPerBlock)), bits: refcountBits)
     }
 
-    private func storedRefcount(cluster: Int64) async throws -> UInt64 {
-        if cluster >= 0 && cluster < Int64(fileClusters) && stored[Int(cluster)] < UInt32.max {
+    /// The stored refcount, or nil when its refcount block is unreadable.
+    private func storedRefcount(cluster: Int64) async throws -> UInt64? {
+        let tableIndex = cluster / Int64(entriesPerBlock)
+        if cluster >= 0 && cluster < Int64(fileClusters) && stored[Int(cluster)] < UInt32.max,
+           tableIndex >= Int64(refcountTable.count)
+            || refcountTable[Int(tableIndex)] & ~Self.refcountReservedMask & UInt64(clusterSize - 1) == 0 {
             return UInt64(stored[Int(cluster)])
         }
-        return try await exactStoredRefcount(cluster: cluster) ?? 0
+        return try await exactStoredRefcount(cluster: cluster)
     }
 
     /// Refcount `index` of a block; widths below a byte pack from each byte's least significant bit.
