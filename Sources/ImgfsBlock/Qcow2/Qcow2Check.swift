@@ -133,7 +133,7 @@ public struct Qcow2Check {
         for cluster in (offset >> clusterBits)...(end >> clusterBits) {
             let current = cluster < Int64(fileClusters) ? expected[Int(cluster)] : beyondEnd[cluster, default: 0]
             if UInt64(current) >= refcountMax || current == UInt32.max {
-                result.checkErrors += 1
+                result.corruptions += 1
                 result.report("ERROR: overflow cluster offset=0x\(String(cluster << clusterBits, radix: 16))")
                 continue
             }
@@ -183,8 +183,13 @@ public struct Qcow2Check {
                 try checkCompressed(entry: entry, active: active)
                 continue
             }
+            // QEMU checks the reserved bits of every standard entry, unallocated ones too.
+            if entry & Self.standardReservedMask != 0 {
+                result.corruptions += 1
+                result.report("ERROR found l2 entry with reserved bits set: 0x\(String(entry, radix: 16))")
+            }
             let host = Int64(entry & Self.offsetMask)
-            let zeroFlag = !layout.extendedL2 && entry & Qcow2L2Entry.zeroFlag != 0
+            let hasData = layout.extendedL2 ? bitmap & 0xFFFF_FFFF != 0 : entry & Qcow2L2Entry.zeroFlag == 0
             if host == 0 {
                 if layout.extendedL2 && bitmap & 0xFFFF_FFFF != 0 {
                     result.corruptions += 1
@@ -192,18 +197,14 @@ public struct Qcow2Check {
                 }
                 continue
             }
-            if entry & Self.standardReservedMask != 0 {
-                result.corruptions += 1
-                result.report("ERROR found l2 entry with reserved bits set: 0x\(String(entry, radix: 16))")
-            }
             if layout.extendedL2 && (bitmap >> 32) & bitmap != 0 {
                 result.corruptions += 1
                 result.report("ERROR offset=\(String(host, radix: 16)): Allocated cluster has corrupted subcluster allocation bitmap")
             }
             if host & (clusterSize - 1) != 0 {
                 result.corruptions += 1
-                result.report("ERROR offset=\(String(host, radix: 16)): " + (zeroFlag
-                    ? "Preallocated zero cluster is not properly aligned; L2 entry corrupted."
+                result.report("ERROR offset=\(String(host, radix: 16)): " + (!hasData
+                    ? "Preallocated cluster is not properly aligned; L2 entry corrupted."
                     : "Data cluster is not properly aligned; L2 entry corrupted."))
             }
             if active {
@@ -309,13 +310,20 @@ public struct Qcow2Check {
 
     private var entriesPerBlock: Int { Int(clusterSize) * 8 / refcountBits }
 
+    /// Whether a refcount table entry names a block QEMU could not read: misaligned, or past any file length.
+    private func isUnreadableBlock(_ word: UInt64) -> Bool {
+        let offset = word & ~Self.refcountReservedMask
+        return offset & UInt64(clusterSize - 1) != 0 || offset > UInt64(Int64.max) - UInt64(clusterSize)
+    }
+
     private mutating func loadStoredRefcounts() async throws {
         let perBlock = entriesPerBlock
         for (index, word) in refcountTable.enumerated() {
             let first = index * perBlock
             guard first < fileClusters else { break }
             let offset = word & ~Self.refcountReservedMask
-            guard offset != 0, offset & UInt64(clusterSize - 1) == 0 else { continue }
+            // A block past the end of the file reads as zeros, as it does for QEMU.
+            guard offset != 0, !isUnreadableBlock(word), offset < UInt64(layout.fileSize) else { continue }
             let block = try await readBytesZeroFilled(at: Int64(offset), count: Int(clusterSize))
             for entry in 0..<min(perBlock, fileClusters - first) {
                 stored[first + entry] = UInt32(clamping: Self.decode(block, index: entry, bits: refcountBits))
@@ -330,7 +338,8 @@ public struct Qcow2Check {
         guard tableIndex < Int64(refcountTable.count) else { return 0 }
         let offset = refcountTable[Int(tableIndex)] & ~Self.refcountReservedMask
         if offset == 0 { return 0 }
-        guard offset & UInt64(clusterSize - 1) == 0 else { return nil }
+        guard !isUnreadableBlock(offset) else { return nil }
+        guard offset < UInt64(layout.fileSize) else { return 0 }
         let block = try await readBytesZeroFilled(at: Int64(offset), count: Int(clusterSize))
         return Self.decode(block, index: Int(cluster % Int64(entriesPerBlock)), bits: refcountBits)
     }
@@ -340,7 +349,7 @@ public struct Qcow2Check {
         let tableIndex = cluster / Int64(entriesPerBlock)
         if cluster >= 0 && cluster < Int64(fileClusters) && stored[Int(cluster)] < UInt32.max,
            tableIndex >= Int64(refcountTable.count)
-            || refcountTable[Int(tableIndex)] & ~Self.refcountReservedMask & UInt64(clusterSize - 1) == 0 {
+            || !isUnreadableBlock(refcountTable[Int(tableIndex)]) {
             return UInt64(stored[Int(cluster)])
         }
         return try await exactStoredRefcount(cluster: cluster)
@@ -365,8 +374,7 @@ public struct Qcow2Check {
         let perBlock = entriesPerBlock
         for index in 0..<fileClusters {
             let tableIndex = index / perBlock
-            if tableIndex < refcountTable.count && refcountTable[tableIndex] & ~Self.refcountReservedMask
-                & UInt64(clusterSize - 1) != 0 {
+            if tableIndex < refcountTable.count && isUnreadableBlock(refcountTable[tableIndex]) {
                 result.checkErrors += 1
                 result.report("ERROR: Can't get refcount for cluster \(index)")
                 continue
