@@ -55,6 +55,10 @@ public struct Qcow2Check {
             let start = header.version == 3 ? Int(header.headerLength) : Qcow2Header.version2Length
             extensions = try Qcow2HeaderExtensions(parsing: headerCluster, start: start, end: extensionsEnd)
             validated = try header.validate(fileSize: fileSize, readOnly: true, featureNames: extensions.featureNames)
+            // QEMU refuses a misaligned snapshot table offset even when the table is empty, and cannot check then.
+            guard header.snapshotsOffset % UInt64(header.clusterSize) == 0 else {
+                throw Qcow2HeaderError("snapshot table offset \(header.snapshotsOffset) is invalid")
+            }
         } catch let error as Qcow2HeaderError {
             throw invalid(error.reason)
         }
@@ -97,10 +101,16 @@ public struct Qcow2Check {
         let snapshots = try await Qcow2Snapshot.readTable(file: file, offset: validated.snapshotsOffset,
                                                           count: Int(header.snapshotCount), header: header,
                                                           fileSize: layout.fileSize)
-        // An entry the reader leaves out is one QEMU's check would also refuse to walk.
+        // An entry the reader leaves out is one QEMU's check would also refuse to walk; QEMU counts each entry
+        // missing at the end of the file as one corruption.
         for warning in snapshots.warnings {
             result.corruptions += 1
             result.report("ERROR \(warning)")
+        }
+        if snapshots.missingEntries > 0 { result.corruptions += snapshots.missingEntries - 1 }
+        if snapshots.incompleteEntries > 0 {
+            result.corruptions += snapshots.incompleteEntries
+            result.report("ERROR \(snapshots.incompleteEntries) snapshot table entries are incomplete")
         }
         for snapshot in snapshots.entries {
             try await walkL1(offset: snapshot.l1TableOffset, entries: snapshot.l1Size, active: false)
