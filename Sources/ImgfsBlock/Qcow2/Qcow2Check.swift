@@ -55,6 +55,10 @@ public struct Qcow2Check {
             let start = header.version == 3 ? Int(header.headerLength) : Qcow2Header.version2Length
             extensions = try Qcow2HeaderExtensions(parsing: headerCluster, start: start, end: extensionsEnd)
             validated = try header.validate(fileSize: fileSize, readOnly: true, featureNames: extensions.featureNames)
+            // Raw external data promises a data file; without one QEMU refuses the image, and so does the check.
+            guard header.version < 3 || header.autoclearFeatures & 2 == 0 else {
+                throw Qcow2HeaderError("data-file-raw is set but the image has no external data file")
+            }
             // QEMU refuses a misaligned snapshot table offset even when the table is empty, and cannot check then.
             guard header.snapshotsOffset % UInt64(header.clusterSize) == 0 else {
                 throw Qcow2HeaderError("snapshot table offset \(header.snapshotsOffset) is invalid")
