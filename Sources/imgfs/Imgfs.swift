@@ -11,7 +11,7 @@ struct Imgfs: ParsableCommand {
             mount -o loop /mnt/x/disk.raw /mnt/guest
             imgfs unmount /mnt/x
             """,
-        subcommands: [MountCommand.self, UnmountCommand.self, InfoCommand.self])
+        subcommands: [MountCommand.self, UnmountCommand.self, InfoCommand.self, CheckCommand.self])
 }
 
 /// Exit statuses that tell a script what kind of failure happened.

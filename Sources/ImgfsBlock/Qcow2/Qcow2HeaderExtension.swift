@@ -22,6 +22,8 @@ struct Qcow2HeaderExtensions: Sendable {
     var backingFormat: String?
     var featureNames: [Qcow2FeatureName] = []
     var hasBitmaps = false
+    /// The bitmaps extension's payload, for `imgfs check` to find the bitmap directory.
+    var bitmapsData: [UInt8]?
     var externalDataFileName: String?
 
     /// Parses extensions from `start` up to `end` (the end of the header cluster or the backing file name).
@@ -49,6 +51,7 @@ struct Qcow2HeaderExtensions: Sendable {
             case Self.bitmaps:
                 // Bitmaps do not change what the disk reads; only writers must keep them consistent.
                 hasBitmaps = true
+                bitmapsData = Array(data)
             case Self.fullDiskEncryption:
                 throw Qcow2HeaderError("encrypted images (full disk encryption header) are not supported")
             case Self.externalDataFileName:

@@ -13,6 +13,12 @@ struct Qcow2Snapshot: Sendable {
     struct Table: Sendable {
         var entries: [Qcow2Snapshot] = []
         var warnings: [String] = []
+        /// Bytes from the table's offset to the end of its last entry read (what QEMU's check counts).
+        var byteCount: Int64 = 0
+        /// Entries the count promises past the end of the file.
+        var missingEntries = 0
+        /// Version 3 entries whose extra data lacks the VM state and disk size fields the spec requires.
+        var incompleteEntries = 0
     }
 
     /// Parses `count` entries starting at `offset`; every length is bounded before it is used.
@@ -34,17 +40,20 @@ struct Qcow2Snapshot: Sendable {
             guard let fixed = try await reader.bytes(at: position, count: fixedEntryBytes) else {
                 table.warnings.append("\(file.path): nb_snapshots is \(count) but the snapshot table ends after " +
                                       "\(index) entries at the end of the file; the rest are left out")
+                table.missingEntries = count - index
                 break
             }
             let idSize = Int(fixed.u16(12) ?? 0)
             let nameSize = Int(fixed.u16(14) ?? 0)
             let extraSize = fixed.u32(36) ?? 0
             let variableBytes = Int(extraSize) + idSize + nameSize
+            if header.version >= 3 && extraSize < 16 { table.incompleteEntries += 1 }
             // Past the extra data size nothing of the entry is trusted, but its length still finds the next one.
             let variable = extraSize <= maxExtraDataBytes
                 ? try await reader.bytes(at: position + Int64(fixedEntryBytes), count: variableBytes) : nil
             if extraSize <= maxExtraDataBytes && variable == nil {
                 leaveOut("its id, name or extra data lie past the end of the file; the entries after it are left out too")
+                table.missingEntries = count - index
                 break
             }
             if let variable {
@@ -57,6 +66,7 @@ struct Qcow2Snapshot: Sendable {
                 leaveOut("extra data size \(extraSize) exceeds \(maxExtraDataBytes)")
             }
             let entryBytes = Int64(fixedEntryBytes) + Int64(variableBytes)
+            table.byteCount = position + entryBytes - offset
             position += (entryBytes + 7) & ~7
             index += 1
         }
