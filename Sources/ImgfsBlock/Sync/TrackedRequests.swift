@@ -79,6 +79,18 @@ public final class TrackedRequests: Sendable {
             return low
         }
 
+        /// How many registered requests a new one over `range` must wait for: the one overlap rule for both
+        /// `begin` and `tryBegin`. A serialising request waits for every overlap, any request for overlapping
+        /// serialising ones.
+        func blockers(of range: Range<Int64>, serialising: Bool) -> Int {
+            guard serialising || serialisingCount > 0 else { return 0 }
+            var count = 0
+            for other in entries where (serialising || other.isSerialising) && other.range.overlaps(range) {
+                count += 1
+            }
+            return count
+        }
+
         func hasRunningRequest(before: UInt64) -> Bool {
             for entry in entries {
                 if entry.id >= before { return false }
@@ -118,18 +130,11 @@ public final class TrackedRequests: Sendable {
         serialising: Bool = false,
         alignment: Int64 = 1
     ) async -> TrackedRequest {
-        precondition(offset >= 0 && length >= 0 && length <= Int64.max - offset, "tracked range out of bounds")
-        precondition(alignment > 0, "alignment must be positive")
-        let range = serialising ? Self.roundOut(offset..<(offset + length), to: alignment) : offset..<(offset + length)
+        let range = Self.overlapRange(offset: offset, length: length, serialising: serialising, alignment: alignment)
         let (request, mustWait) = state.withLock { state -> (TrackedRequest, Bool) in
             let id = state.nextID
             state.nextID += 1
-            var blockers = 0
-            if serialising || state.serialisingCount > 0 {
-                for other in state.entries where (serialising || other.isSerialising) && other.range.overlaps(range) {
-                    blockers += 1
-                }
-            }
+            let blockers = state.blockers(of: range, serialising: serialising)
             let entry = Entry(id: id, range: range, isSerialising: serialising, blockers: blockers,
                               isHeld: state.drainDepth > 0, continuation: nil)
             state.entries.append(entry)
@@ -166,16 +171,9 @@ public final class TrackedRequests: Sendable {
         serialising: Bool = false,
         alignment: Int64 = 1
     ) -> TrackedRequest? {
-        precondition(offset >= 0 && length >= 0 && length <= Int64.max - offset, "tracked range out of bounds")
-        precondition(alignment > 0, "alignment must be positive")
-        let range = serialising ? Self.roundOut(offset..<(offset + length), to: alignment) : offset..<(offset + length)
+        let range = Self.overlapRange(offset: offset, length: length, serialising: serialising, alignment: alignment)
         return state.withLock { state -> TrackedRequest? in
-            if state.drainDepth > 0 { return nil }
-            if serialising || state.serialisingCount > 0 {
-                for other in state.entries where (serialising || other.isSerialising) && other.range.overlaps(range) {
-                    return nil
-                }
-            }
+            if state.drainDepth > 0 || state.blockers(of: range, serialising: serialising) > 0 { return nil }
             let id = state.nextID
             state.nextID += 1
             state.entries.append(Entry(id: id, range: range, isSerialising: serialising, blockers: 0, isHeld: false,
@@ -184,6 +182,14 @@ public final class TrackedRequests: Sendable {
             return TrackedRequest(offset: offset, length: length, kind: kind, isSerialising: serialising,
                                   overlapRange: range, id: id)
         }
+    }
+
+    /// The range a request is checked against: its own, rounded out to `alignment` when it serialises.
+    private static func overlapRange(offset: Int64, length: Int64, serialising: Bool, alignment: Int64) -> Range<Int64> {
+        precondition(offset >= 0 && length >= 0 && length <= Int64.max - offset, "tracked range out of bounds")
+        precondition(alignment > 0, "alignment must be positive")
+        let range = offset..<(offset + length)
+        return serialising ? roundOut(range, to: alignment) : range
     }
 
     /// Registers a truncate from `oldLength` to `newLength`: serialising, over everything from the lower of the
