@@ -56,13 +56,11 @@ private func makeImage(_ scratch: QemuScratch, _ name: String, options: String? 
                               "\(write) -P 0x64 8M 2M", "write -z 12M 64k", "write -P 0x65 512k 4k"])
 }
 
-private func bigEndian(_ value: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: value >> (56 - 8 * $0)) } }
-private func value(_ bytes: [UInt8]) -> UInt64 { bytes.reduce(0) { $0 << 8 | UInt64($1) } }
 
 /// Sets the 16-bit refcount of host cluster `cluster` (default refcount width, 64 KiB clusters).
 private func patchRefcount(_ scratch: QemuScratch, _ image: String, cluster: UInt64, to refcount: UInt16) throws {
-    let tableOffset = value(try scratch.read(image, at: 48, count: 8))
-    let blockOffset = value(try scratch.read(image, at: tableOffset, count: 8)) & ~0x1FF
+    let tableOffset = bigEndianValue(try scratch.read(image, at: 48, count: 8))
+    let blockOffset = bigEndianValue(try scratch.read(image, at: tableOffset, count: 8)) & ~0x1FF
     try scratch.patch(image, at: blockOffset + 2 * cluster, [UInt8(refcount >> 8), UInt8(refcount & 0xFF)])
 }
 
@@ -146,9 +144,9 @@ private func patchRefcount(_ scratch: QemuScratch, _ image: String, cluster: UIn
     @Test func dataClusterWithRefcountZero() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch, "z.qcow2")
-        let l1Offset = value(try scratch.read("z.qcow2", at: 40, count: 8))
-        let l2Offset = value(try scratch.read("z.qcow2", at: l1Offset, count: 8)) & 0x00FF_FFFF_FFFF_FE00
-        let host = value(try scratch.read("z.qcow2", at: l2Offset, count: 8)) & 0x00FF_FFFF_FFFF_FE00
+        let l1Offset = bigEndianValue(try scratch.read("z.qcow2", at: 40, count: 8))
+        let l2Offset = bigEndianValue(try scratch.read("z.qcow2", at: l1Offset, count: 8)) & 0x00FF_FFFF_FFFF_FE00
+        let host = bigEndianValue(try scratch.read("z.qcow2", at: l2Offset, count: 8)) & 0x00FF_FFFF_FFFF_FE00
         try patchRefcount(scratch, "z.qcow2", cluster: host / 65536, to: 0)
         let result = try await expectSameCounts(scratch, "z.qcow2")
         // The refcount below its one reference, and OFLAG_COPIED on a cluster whose refcount is not 1.
@@ -160,9 +158,9 @@ private func patchRefcount(_ scratch: QemuScratch, _ image: String, cluster: UIn
         try makeImage(scratch, "s.qcow2")
         try scratch.qemuImg("snapshot", "-c", "one", scratch.path("s.qcow2"))
         try scratch.qemuIO("s.qcow2", ["write -P 0x71 0 256k"])
-        let snapshots = value(try scratch.read("s.qcow2", at: 64, count: 8))
-        let l1 = value(try scratch.read("s.qcow2", at: snapshots, count: 8))
-        try scratch.patch("s.qcow2", at: snapshots, bigEndian(l1 + 8))
+        let snapshots = bigEndianValue(try scratch.read("s.qcow2", at: 64, count: 8))
+        let l1 = bigEndianValue(try scratch.read("s.qcow2", at: snapshots, count: 8))
+        try scratch.patch("s.qcow2", at: snapshots, bigEndianBytes(l1 + 8))
         // The snapshot is not walked: one corruption, and what only it referenced leaks.
         let result = try await expectSameCounts(scratch, "s.qcow2")
         #expect(result.corruptions == 1 && result.leaks > 0)
@@ -171,9 +169,9 @@ private func patchRefcount(_ scratch: QemuScratch, _ image: String, cluster: UIn
     @Test func misalignedL2Table() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch, "m.qcow2")
-        let l1Offset = value(try scratch.read("m.qcow2", at: 40, count: 8))
-        let entry = value(try scratch.read("m.qcow2", at: l1Offset, count: 8))
-        try scratch.patch("m.qcow2", at: l1Offset, bigEndian(entry + 0x200))
+        let l1Offset = bigEndianValue(try scratch.read("m.qcow2", at: 40, count: 8))
+        let entry = bigEndianValue(try scratch.read("m.qcow2", at: l1Offset, count: 8))
+        try scratch.patch("m.qcow2", at: l1Offset, bigEndianBytes(entry + 0x200))
         let result = try await expectSameCounts(scratch, "m.qcow2")
         #expect(result.corruptions > 0 && result.leaks > 0)
     }
@@ -191,9 +189,9 @@ private func patchRefcount(_ scratch: QemuScratch, _ image: String, cluster: UIn
     @Test func misalignedRefcountBlockIsACheckError() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch, "r.qcow2")
-        let tableOffset = value(try scratch.read("r.qcow2", at: 48, count: 8))
-        let block = value(try scratch.read("r.qcow2", at: tableOffset, count: 8))
-        try scratch.patch("r.qcow2", at: tableOffset, bigEndian(block + 0x200))
+        let tableOffset = bigEndianValue(try scratch.read("r.qcow2", at: 48, count: 8))
+        let block = bigEndianValue(try scratch.read("r.qcow2", at: tableOffset, count: 8))
+        try scratch.patch("r.qcow2", at: tableOffset, bigEndianBytes(block + 0x200))
         let result = try await expectSameCounts(scratch, "r.qcow2")
         #expect(result.checkErrors > 0 && result.corruptions == 1, "\(result.messages.prefix(5))")
     }
@@ -201,15 +199,15 @@ private func patchRefcount(_ scratch: QemuScratch, _ image: String, cluster: UIn
     @Test func refcountTablePastTheEndIsACleanError() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch, "h.qcow2")
-        try scratch.patch("h.qcow2", at: 48, bigEndian(UInt64(1) << 40))
+        try scratch.patch("h.qcow2", at: 48, bigEndianBytes(UInt64(1) << 40))
         await #expect(throws: BlockError.self) { try await imgfsCheck(scratch, "h.qcow2") }
     }
 
     @Test func l2TablePastTheEndIsCounted() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch, "h.qcow2")
-        let l1Offset = value(try scratch.read("h.qcow2", at: 40, count: 8))
-        try scratch.patch("h.qcow2", at: l1Offset, bigEndian(UInt64(1) << 63 | UInt64(1) << 40))
+        let l1Offset = bigEndianValue(try scratch.read("h.qcow2", at: 40, count: 8))
+        try scratch.patch("h.qcow2", at: l1Offset, bigEndianBytes(UInt64(1) << 63 | UInt64(1) << 40))
         let result = try await expectSameCounts(scratch, "h.qcow2")
         #expect(result.corruptions == 2, "\(result.messages)")
         #expect(result.leaks > 0)
@@ -218,18 +216,18 @@ private func patchRefcount(_ scratch: QemuScratch, _ image: String, cluster: UIn
     @Test func hostileEntriesNeverTrap() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch, "h.qcow2", options: "cluster_size=512")
-        let l1Offset = value(try scratch.read("h.qcow2", at: 40, count: 8))
-        let l2Offset = value(try scratch.read("h.qcow2", at: l1Offset, count: 8)) & 0x00FF_FFFF_FFFF_FE00
+        let l1Offset = bigEndianValue(try scratch.read("h.qcow2", at: 40, count: 8))
+        let l2Offset = bigEndianValue(try scratch.read("h.qcow2", at: l1Offset, count: 8)) & 0x00FF_FFFF_FFFF_FE00
         // An all-ones compressed entry, a misaligned data offset, a data offset at the top of the range.
-        try scratch.patch("h.qcow2", at: l2Offset, bigEndian(UInt64.max))
-        try scratch.patch("h.qcow2", at: l2Offset + 8, bigEndian(UInt64(1) << 63 | 0x1234_5600))
-        try scratch.patch("h.qcow2", at: l2Offset + 16, bigEndian(UInt64(0x00FF_FFFF_FFFF_FE00)))
+        try scratch.patch("h.qcow2", at: l2Offset, bigEndianBytes(UInt64.max))
+        try scratch.patch("h.qcow2", at: l2Offset + 8, bigEndianBytes(UInt64(1) << 63 | 0x1234_5600))
+        try scratch.patch("h.qcow2", at: l2Offset + 16, bigEndianBytes(UInt64(0x00FF_FFFF_FFFF_FE00)))
         #expect(try await expectSameCounts(scratch, "h.qcow2").corruptions > 0)
         // Refcount table entries: reserved bits, misaligned, far past the end.
-        let tableOffset = value(try scratch.read("h.qcow2", at: 48, count: 8))
-        try scratch.patch("h.qcow2", at: tableOffset + 8, bigEndian(UInt64(0x1FF)))
-        try scratch.patch("h.qcow2", at: tableOffset + 16, bigEndian(UInt64(0x10_0000_0200)))
-        try scratch.patch("h.qcow2", at: tableOffset + 24, bigEndian(UInt64(1) << 50))
+        let tableOffset = bigEndianValue(try scratch.read("h.qcow2", at: 48, count: 8))
+        try scratch.patch("h.qcow2", at: tableOffset + 8, bigEndianBytes(UInt64(0x1FF)))
+        try scratch.patch("h.qcow2", at: tableOffset + 16, bigEndianBytes(UInt64(0x10_0000_0200)))
+        try scratch.patch("h.qcow2", at: tableOffset + 24, bigEndianBytes(UInt64(1) << 50))
         #expect(try await expectSameCounts(scratch, "h.qcow2").corruptions > 0)
     }
 }

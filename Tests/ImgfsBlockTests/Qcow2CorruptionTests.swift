@@ -3,9 +3,6 @@ import Testing
 import ImgfsTestSupport
 @testable import ImgfsBlock
 
-private func bigEndian(_ value: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: value >> (56 - 8 * $0)) } }
-private func bigEndian(_ value: UInt32) -> [UInt8] { (0..<4).map { UInt8(truncatingIfNeeded: value >> (24 - 8 * $0)) } }
-private func value(_ bytes: [UInt8]) -> UInt64 { bytes.reduce(0) { $0 << 8 | UInt64($1) } }
 
 /// Opens as qcow2 explicitly (a broken magic would otherwise probe as raw) and returns the error's text.
 private func openError(_ scratch: QemuScratch, _ image: String, readOnly: Bool = true) async -> BlockError? {
@@ -33,8 +30,8 @@ private func makeImage(_ scratch: QemuScratch, _ name: String = "c.qcow2") throw
 
 /// The file offset of the L2 entry mapping guest cluster `index` (within the first L2 table).
 private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index: UInt64) throws -> UInt64 {
-    let l1Offset = value(try scratch.read(name, at: 40, count: 8))
-    let l1Entry = value(try scratch.read(name, at: l1Offset, count: 8))
+    let l1Offset = bigEndianValue(try scratch.read(name, at: 40, count: 8))
+    let l1Entry = bigEndianValue(try scratch.read(name, at: l1Offset, count: 8))
     return (l1Entry & 0x00FF_FFFF_FFFF_FE00) + 8 * index
 }
 
@@ -49,28 +46,28 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
     @Test func clusterBitsOutOfRange() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch)
-        try scratch.patch("c.qcow2", at: 20, bigEndian(UInt32(30)))
+        try scratch.patch("c.qcow2", at: 20, bigEndianBytes(UInt32(30)))
         #expect(isInvalidImage(await openError(scratch, "c.qcow2"), mentioning: "cluster_bits 30"))
     }
 
     @Test func l1TablePastTheEndOfTheFile() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch)
-        try scratch.patch("c.qcow2", at: 40, bigEndian(UInt64(1) << 40))
+        try scratch.patch("c.qcow2", at: 40, bigEndianBytes(UInt64(1) << 40))
         #expect(isInvalidImage(await openError(scratch, "c.qcow2"), mentioning: "l1_table_offset"))
     }
 
     @Test func hugeL1Size() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch)
-        try scratch.patch("c.qcow2", at: 36, bigEndian(UInt32.max))
+        try scratch.patch("c.qcow2", at: 36, bigEndianBytes(UInt32.max))
         #expect(isInvalidImage(await openError(scratch, "c.qcow2"), mentioning: "l1_size"))
     }
 
     @Test func l1TooSmallForTheVirtualSize() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch)
-        try scratch.patch("c.qcow2", at: 24, bigEndian(UInt64(1) << 50))
+        try scratch.patch("c.qcow2", at: 24, bigEndianBytes(UInt64(1) << 50))
         #expect(isInvalidImage(await openError(scratch, "c.qcow2"), mentioning: "too small"))
     }
 
@@ -103,7 +100,7 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
     @Test func encryptionIsRefused() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch)
-        try scratch.patch("c.qcow2", at: 32, bigEndian(UInt32(1)))
+        try scratch.patch("c.qcow2", at: 32, bigEndianBytes(UInt32(1)))
         #expect(isInvalidImage(await openError(scratch, "c.qcow2"), mentioning: "encrypted"))
     }
 
@@ -119,7 +116,7 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
         let scratch = try QemuScratch()
         try makeImage(scratch)
         let entry = try l2EntryOffset(scratch, "c.qcow2", cluster: 0)
-        try scratch.patch("c.qcow2", at: entry, bigEndian(UInt64(1) << 63 | UInt64(1) << 40))
+        try scratch.patch("c.qcow2", at: entry, bigEndianBytes(UInt64(1) << 63 | UInt64(1) << 40))
         let node = try await openImage(scratch.path("c.qcow2"))
         await #expect {
             _ = try await readNode(node, at: 100, count: 1000)
@@ -135,8 +132,8 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
         let scratch = try QemuScratch()
         try makeImage(scratch)
         let entry = try l2EntryOffset(scratch, "c.qcow2", cluster: 1)
-        let original = value(try scratch.read("c.qcow2", at: entry, count: 8))
-        try scratch.patch("c.qcow2", at: entry, bigEndian(original + 4096))
+        let original = bigEndianValue(try scratch.read("c.qcow2", at: entry, count: 8))
+        try scratch.patch("c.qcow2", at: entry, bigEndianBytes(original + 4096))
         let node = try await openImage(scratch.path("c.qcow2"))
         await #expect(throws: BlockError.self) { _ = try await readNode(node, at: 65536, count: 10) }
         #expect(try await readNode(node, at: 0, count: 65536) == [UInt8](repeating: 0x61, count: 65536))
@@ -147,10 +144,10 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
         try makeImage(scratch, "src.qcow2")
         try scratch.qemuImg("convert", "-c", "-O", "qcow2", scratch.path("src.qcow2"), scratch.path("c.qcow2"))
         let entry = try l2EntryOffset(scratch, "c.qcow2", cluster: 0)
-        let original = value(try scratch.read("c.qcow2", at: entry, count: 8))
+        let original = bigEndianValue(try scratch.read("c.qcow2", at: entry, count: 8))
         // 64 KiB clusters: x = 54; bits 54-61 count additional sectors. Set them all.
         let huge = original | (UInt64(0xFF) << 54)
-        try scratch.patch("c.qcow2", at: entry, bigEndian(huge))
+        try scratch.patch("c.qcow2", at: entry, bigEndianBytes(huge))
         let node = try await openImage(scratch.path("c.qcow2"))
         // The size is only an upper bound: the stream still ends where it did, so the data reads back intact.
         #expect(try await readNode(node, at: 0, count: 65536) == [UInt8](repeating: 0x61, count: 65536))
@@ -166,7 +163,7 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
         let scratch = try QemuScratch()
         try makeImage(scratch)
         // The first extension follows the 112-byte v3 header; give it a length far past the cluster.
-        try scratch.patch("c.qcow2", at: 112 + 4, bigEndian(UInt32(1 << 30)))
+        try scratch.patch("c.qcow2", at: 112 + 4, bigEndianBytes(UInt32(1 << 30)))
         #expect(isInvalidImage(await openError(scratch, "c.qcow2"), mentioning: "header extension"))
     }
 
@@ -201,15 +198,15 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
         let scratch = try QemuScratch()
         try scratch.qemuImg("create", "-q", "-f", "qcow2", "-o", "preallocation=full", scratch.path("s.qcow2"), "40M")
         for n in 0..<17 { try scratch.qemuImg("snapshot", "-c", "s\(n)", scratch.path("s.qcow2")) }
-        let count = Int(value(try scratch.read("s.qcow2", at: 60, count: 4)))
-        var entry = value(try scratch.read("s.qcow2", at: 64, count: 8))
+        let count = Int(bigEndianValue(try scratch.read("s.qcow2", at: 60, count: 4)))
+        var entry = bigEndianValue(try scratch.read("s.qcow2", at: 64, count: 8))
         #expect(count == 17)
         for _ in 0..<count {
-            try scratch.patch("s.qcow2", at: entry, bigEndian(UInt64(65536)))          // l1_table_offset
-            try scratch.patch("s.qcow2", at: entry + 8, bigEndian(UInt32(4 << 20)))    // l1_size: 32 MiB
-            let idLength = value(try scratch.read("s.qcow2", at: entry + 12, count: 2))
-            let nameLength = value(try scratch.read("s.qcow2", at: entry + 14, count: 2))
-            let extra = value(try scratch.read("s.qcow2", at: entry + 36, count: 4))
+            try scratch.patch("s.qcow2", at: entry, bigEndianBytes(UInt64(65536)))          // l1_table_offset
+            try scratch.patch("s.qcow2", at: entry + 8, bigEndianBytes(UInt32(4 << 20)))    // l1_size: 32 MiB
+            let idLength = bigEndianValue(try scratch.read("s.qcow2", at: entry + 12, count: 2))
+            let nameLength = bigEndianValue(try scratch.read("s.qcow2", at: entry + 14, count: 2))
+            let extra = bigEndianValue(try scratch.read("s.qcow2", at: entry + 36, count: 4))
             entry += (40 + extra + idLength + nameLength + 7) / 8 * 8
         }
         let node = try await openImage(scratch.path("s.qcow2"))

@@ -107,11 +107,3 @@ func write(_ node: BlockNode, at offset: Int64, _ bytes: [UInt8], flags: BlockRe
     buffer.copyBytes(from: bytes)
     try await node.write(at: offset, from: UnsafeRawBufferPointer(buffer), flags: flags)
 }
-
-/// Big-endian bytes of a field, for patching images.
-func bigEndianBytes<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
-    (0..<(T.bitWidth / 8)).map { UInt8(truncatingIfNeeded: value >> (T.bitWidth - 8 - 8 * $0)) }
-}
-
-/// The value of big-endian bytes read from an image.
-func bigEndianValue(_ bytes: [UInt8]) -> UInt64 { bytes.reduce(0) { $0 << 8 | UInt64($1) } }

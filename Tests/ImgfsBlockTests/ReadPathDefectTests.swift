@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import ImgfsTestSupport
 @testable import ImgfsBlock
 
 /// Regressions for the read-path defects hostile testing found (issue 11), checked against QEMU where it reads.

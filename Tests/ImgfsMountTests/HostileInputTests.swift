@@ -19,10 +19,6 @@ struct HostileInputTests {
         try pwriteFully(fd, bytes, at: Int64(offset))
     }
 
-    private func bigEndian<T: FixedWidthInteger>(_ value: T) -> [UInt8] {
-        (0..<(T.bitWidth / 8)).map { UInt8(truncatingIfNeeded: value >> (T.bitWidth - 8 - 8 * $0)) }
-    }
-
     /// A failed command's stderr must be exactly one line, free of control characters.
     private func expectOneCleanLine(_ result: ToolResult, status: Int32, mentioning text: String,
                                     sourceLocation: SourceLocation = #_sourceLocation) {
@@ -41,10 +37,10 @@ struct HostileInputTests {
         let image = scratch.path("c.qcow2")
         // With no snapshots the offset is never used: the image opens.
         try qemuImg("create", "-q", "-f", "qcow2", image, "8M")
-        try patch(image, at: 64, bigEndian(UInt64(1) << 63))
+        try patch(image, at: 64, bigEndianBytes(UInt64(1) << 63))
         #expect(try scratch.imgfs(["info", image], check: false).status == 0)
         // With an L1 table there, it is refused in one line.
-        try patch(image, at: 40, bigEndian(UInt64(1) << 63))
+        try patch(image, at: 40, bigEndianBytes(UInt64(1) << 63))
         expectOneCleanLine(try scratch.imgfs(["info", image], check: false), status: 65, mentioning: "l1_table_offset")
         let mnt = try scratch.dir("mnt")
         expectOneCleanLine(try scratch.imgfs(["mount", image, mnt], check: false), status: 65,
@@ -220,11 +216,11 @@ struct HostileInputTests {
         for n in 0..<17 { try qemuImg("snapshot", "-c", "s\(n)", image) }
         // Every snapshot names the same 32 MiB L1 table (all of the file from 64 KiB).
         let bytes = try readFile(image)
-        func field(_ offset: Int, _ count: Int) -> UInt64 { bytes[offset..<(offset + count)].reduce(0) { $0 << 8 | UInt64($1) } }
+        func field(_ offset: Int, _ count: Int) -> UInt64 { bigEndianValue(bytes[offset..<(offset + count)]) }
         var entry = Int(field(64, 8))
         for _ in 0..<17 {
-            try patch(image, at: UInt64(entry), bigEndian(UInt64(65536)))
-            try patch(image, at: UInt64(entry + 8), bigEndian(UInt32(4 << 20)))
+            try patch(image, at: UInt64(entry), bigEndianBytes(UInt64(65536)))
+            try patch(image, at: UInt64(entry + 8), bigEndianBytes(UInt32(4 << 20)))
             entry += (40 + Int(field(entry + 36, 4)) + Int(field(entry + 12, 2)) + Int(field(entry + 14, 2)) + 7) / 8 * 8
         }
         let mnt = try scratch.dir("mnt")
@@ -324,16 +320,16 @@ struct HostileInputTests {
             var table: [UInt8] = []
             for n in 0..<count {
                 let id = Array("\(n + 1)".utf8), name = Array("s\(n)".utf8)
-                var entry = bigEndian(UInt64(0)) + bigEndian(UInt32(0))
-                entry += bigEndian(UInt16(id.count)) + bigEndian(UInt16(name.count))
-                entry += [UInt8](repeating: 0, count: 16) + bigEndian(UInt32(0)) + bigEndian(UInt32(16))
-                entry += bigEndian(UInt64(0)) + bigEndian(UInt64(1 << 20)) + id + name
+                var entry = bigEndianBytes(UInt64(0)) + bigEndianBytes(UInt32(0))
+                entry += bigEndianBytes(UInt16(id.count)) + bigEndianBytes(UInt16(name.count))
+                entry += [UInt8](repeating: 0, count: 16) + bigEndianBytes(UInt32(0)) + bigEndianBytes(UInt32(16))
+                entry += bigEndianBytes(UInt64(0)) + bigEndianBytes(UInt64(1 << 20)) + id + name
                 entry += [UInt8](repeating: 0, count: (8 - entry.count % 8) % 8)
                 table += entry
             }
             try patch(image, at: tableOffset, table)
-            try patch(image, at: 60, bigEndian(UInt32(count)))
-            try patch(image, at: 64, bigEndian(tableOffset))
+            try patch(image, at: 60, bigEndianBytes(UInt32(count)))
+            try patch(image, at: 64, bigEndianBytes(tableOffset))
             let mnt = try scratch.dir("mnt\(count)")
             let start = Date()
             try scratch.mount(image, at: mnt, ["--read-only"])

@@ -175,7 +175,7 @@ struct Qcow2FieldFuzzTests {
         try runTool("qemu-img", ["convert", "-O", "raw", path, reference])
         let contents = try readFile(reference)
         func be(_ offset: Int, _ width: Int) -> UInt64 {
-            bytes[offset..<(offset + width)].reduce(0) { $0 << 8 | UInt64($1) }
+            bigEndianValue(bytes[offset..<(offset + width)])
         }
         let clusterSize = 1 << Int(be(20, 4))
         let extended = options.contains("extended_l2=on")
@@ -236,7 +236,7 @@ struct Qcow2FieldFuzzTests {
 
 extension ImgfsMountTests.Qcow2FieldFuzzTests.Field {
     func bytes(of image: [UInt8]) -> UInt64 {
-        image[offset..<(offset + width)].reduce(0) { $0 << 8 | UInt64($1) }
+        bigEndianValue(image[offset..<(offset + width)])
     }
 
     /// Stores the low `width` bytes of `value`, big-endian.
