@@ -13,6 +13,11 @@ public final class MemoryBudget: Sendable {
         var used = 0
         var peak = 0
         var waiters: [(bytes: Int, continuation: UnsafeContinuation<Void, Never>)] = []
+
+        mutating func take(_ bytes: Int) {
+            used += bytes
+            peak = max(peak, used)
+        }
     }
 
     public init(limit: Int, requestHeadroom: Int = 64 << 20) {
@@ -27,8 +32,7 @@ public final class MemoryBudget: Sendable {
     public func tryReserveForCache(_ bytes: Int) -> Bool {
         state.withLock { state in
             guard bytes <= limit - requestHeadroom - state.used else { return false }
-            state.used += bytes
-            state.peak = max(state.peak, state.used)
+            state.take(bytes)
             return true
         }
     }
@@ -41,8 +45,7 @@ public final class MemoryBudget: Sendable {
             let now = state.withLock { state -> Bool in
                 // Checked again under the lock the release path takes, so no release goes unseen.
                 if state.waiters.isEmpty, fits(bytes, state) {
-                    state.used += bytes
-                    state.peak = max(state.peak, state.used)
+                    state.take(bytes)
                     return true
                 }
                 state.waiters.append((bytes, continuation))
@@ -56,8 +59,7 @@ public final class MemoryBudget: Sendable {
     public func tryReserveForRequest(_ bytes: Int) -> Bool {
         state.withLock { state in
             guard state.waiters.isEmpty, fits(bytes, state) else { return false }
-            state.used += bytes
-            state.peak = max(state.peak, state.used)
+            state.take(bytes)
             return true
         }
     }
@@ -66,8 +68,7 @@ public final class MemoryBudget: Sendable {
     /// small write); the overdraft is repaid before any waiter is served.
     public func reserveNow(_ bytes: Int) {
         state.withLock { state in
-            state.used += bytes
-            state.peak = max(state.peak, state.used)
+            state.take(bytes)
         }
     }
 
@@ -77,8 +78,7 @@ public final class MemoryBudget: Sendable {
             var ready: [UnsafeContinuation<Void, Never>] = []
             // First come, first served: a large request at the head is not overtaken by small ones.
             while let first = state.waiters.first, fits(first.bytes, state) {
-                state.used += first.bytes
-                state.peak = max(state.peak, state.used)
+                state.take(first.bytes)
                 ready.append(first.continuation)
                 state.waiters.removeFirst()
             }
