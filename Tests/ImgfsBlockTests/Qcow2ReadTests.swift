@@ -204,7 +204,7 @@ private func expectSameAsQemu(_ scratch: QemuScratch, _ image: String, chunk: In
         let node = try await openImage(scratch.path("r.qcow2"))
         let driver = try #require(node.driver as? Qcow2Driver)
         #expect(driver.formatInfo()["refcount-bits"] == .int(Int64(1) << Int64(order)))
-        let refcounts = try await driver.loadRefcountTable()
+        let refcounts = try await driver.loadRefcounts()
         #expect(try await refcounts.refcount(ofHostCluster: 0) == 1)  // the header cluster
         let l1Cluster = Int64(driver.header.l1TableOffset) >> Int64(driver.layout.clusterBits)
         #expect(try await refcounts.refcount(ofHostCluster: l1Cluster) == 1)
@@ -223,7 +223,7 @@ private func expectSameAsQemu(_ scratch: QemuScratch, _ image: String, chunk: In
         let node = try await openImage(scratch.path("r.qcow2"))
         let driver = try #require(node.driver as? Qcow2Driver)
         let host = try #require(try await driver.blockStatus(at: 0, length: 65536).hostOffset)
-        let refcounts = try await driver.loadRefcountTable()
+        let refcounts = try await driver.loadRefcounts()
         #expect(try await refcounts.refcount(ofHostCluster: host >> 16) == 2)
     }
 

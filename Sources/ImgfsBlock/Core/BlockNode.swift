@@ -105,7 +105,8 @@ public final class BlockNode: Sendable {
         try checkWritable()
         try checkRange(offset, length)
         if length == 0 { return }
-        try await tracked(offset, length, .writeZeroes, flags) {
+        // Serialising: a zeroed range may give its clusters back, so no write may still be on its way to them.
+        try await tracked(offset, length, .writeZeroes, flags.union(.serialising)) {
             try checkRange(offset, length)
             try await driver.writeZeroes(at: offset, length: length, flags: flags.subtracting(.fua))
             if flags.contains(.fua) { try await driver.flush() }
@@ -116,7 +117,7 @@ public final class BlockNode: Sendable {
         try checkWritable()
         try checkRange(offset, length)
         if length == 0 { return }
-        try await tracked(offset, length, .discard, []) {
+        try await tracked(offset, length, .discard, .serialising) {
             try checkRange(offset, length)
             try await driver.discard(at: offset, length: length)
         }

@@ -7,8 +7,8 @@ public enum ImageFormat: String, Sendable, CaseIterable {
     /// Whether imgfs's driver writes this format yet; images of other formats open read-only.
     public var isWritableByImgfs: Bool {
         switch self {
-        case .raw: return true
-        case .qcow2, .vmdk: return false
+        case .raw, .qcow2: return true
+        case .vmdk: return false
         }
     }
 

@@ -48,4 +48,30 @@ extension HostFile {
         try await readExactly(into: buffer, at: offset)
         return [UInt8](buffer)
     }
+
+    /// Writes `bytes` (metadata: a header field, a refcount block) at `offset`.
+    func writeBytes(_ bytes: [UInt8], at offset: Int64) async throws {
+        if bytes.isEmpty { return }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 4096)
+        defer { buffer.deallocate() }
+        buffer.copyBytes(from: bytes)
+        try await write(UnsafeRawBufferPointer(buffer), at: offset)
+    }
+}
+
+/// Builds big-endian fields for header updates.
+struct BigEndianWriter {
+    private(set) var bytes: [UInt8] = []
+
+    func u32(_ value: UInt32) -> BigEndianWriter {
+        var copy = self
+        for shift in stride(from: 24, through: 0, by: -8) { copy.bytes.append(UInt8(truncatingIfNeeded: value >> UInt32(shift))) }
+        return copy
+    }
+
+    func u64(_ value: UInt64) -> BigEndianWriter {
+        var copy = self
+        for shift in stride(from: 56, through: 0, by: -8) { copy.bytes.append(UInt8(truncatingIfNeeded: value >> UInt64(shift))) }
+        return copy
+    }
 }

@@ -5,14 +5,26 @@ struct Qcow2Run: Sendable, Equatable {
     let length: Int64
 }
 
+/// One guest cluster's L1 and L2 entries as stored (entry and bitmap 0 when there is no L2 table).
+struct Qcow2L2Slot: Sendable {
+    let l1Index: Int
+    let l1Entry: UInt64
+    let l2Offset: Int64
+    /// The entry's index in its L2 table.
+    let index: Int
+    let entry: UInt64
+    /// The subcluster bitmap (extended L2 entries only).
+    let bitmap: UInt64
+}
+
 /// Guest offset → host location through one L1 table (the active one or a snapshot's).
 final class Qcow2ClusterMap: Sendable {
     let layout: Qcow2Layout
-    let l1: [UInt64]
+    let l1: Qcow2L1Table
     let file: HostFile
     let cache: Qcow2L2Cache
 
-    init(layout: Qcow2Layout, l1: [UInt64], file: HostFile, cache: Qcow2L2Cache) {
+    init(layout: Qcow2Layout, l1: Qcow2L1Table, file: HostFile, cache: Qcow2L2Cache) {
         self.layout = layout
         self.l1 = l1
         self.file = file
@@ -56,6 +68,27 @@ final class Qcow2ClusterMap: Sendable {
         }
     }
 
+    /// The stored L2 entry of guest cluster `cluster`, for a writer deciding what a write must change.
+    func slot(ofGuestCluster cluster: Int64) async throws -> Qcow2L2Slot {
+        let l1Index = cluster / Int64(layout.l2Entries)
+        let index = Int(cluster % Int64(layout.l2Entries))
+        guard let l1Entry = l1.entry(l1Index) else {
+            throw BlockError.corrupt("\(file.path): guest cluster \(cluster) lies past the L1 table")
+        }
+        let l2Offset: Int64
+        switch Qcow2L2Entry.l2TableOffset(l1Entry: l1Entry, layout: layout) {
+        case .success(let offset): l2Offset = offset
+        case .failure(let problem): throw corrupt(cluster << Int64(layout.clusterBits), problem)
+        }
+        if l2Offset == 0 {
+            return Qcow2L2Slot(l1Index: Int(l1Index), l1Entry: l1Entry, l2Offset: 0, index: index, entry: 0, bitmap: 0)
+        }
+        let table = try await cache.table(at: l2Offset, clusterSize: layout.clusterSize, file: file)
+        let word = index * layout.wordsPerL2Entry
+        return Qcow2L2Slot(l1Index: Int(l1Index), l1Entry: l1Entry, l2Offset: l2Offset, index: index,
+                           entry: table.words[word], bitmap: layout.extendedL2 ? table.words[word + 1] : 0)
+    }
+
     /// Where the L1 table sends a lookup: a whole run already (no L2 table), or the L2 table to look in.
     private enum Location {
         case run(Qcow2Run)
@@ -67,12 +100,12 @@ final class Qcow2ClusterMap: Sendable {
         let l1Index = guestOffset / tableSpan
         let spanEnd = (l1Index + 1) * tableSpan
         let limit = min(maxLength, spanEnd - guestOffset)
-        guard l1Index < Int64(l1.count) else {
+        guard let l1Entry = l1.entry(l1Index) else {
             // Only a snapshot view can get here (the active L1 is checked against the size at open).
             return .run(Qcow2Run(state: .unallocated, length: limit))
         }
         let l2Offset: Int64
-        switch Qcow2L2Entry.l2TableOffset(l1Entry: l1[Int(l1Index)], layout: layout) {
+        switch Qcow2L2Entry.l2TableOffset(l1Entry: l1Entry, layout: layout) {
         case .success(let offset): l2Offset = offset
         case .failure(let problem): throw corrupt(guestOffset, problem)
         }

@@ -1,7 +1,10 @@
-/// The qcow2 format driver (versions 2 and 3): reads, block status and internal snapshots; writes come later.
+import Synchronization
+
+/// The qcow2 format driver (versions 2 and 3): reads, writes, block status and internal snapshots.
 public final class Qcow2Driver: BlockDriver {
     public let format = ImageFormat.qcow2
-    public let length: Int64
+    private let size: Atomic<Int64>
+    public var length: Int64 { size.load(ordering: .acquiring) }
     public let isReadOnly: Bool
     public let backingReference: BackingReference?
 
@@ -12,6 +15,10 @@ public final class Qcow2Driver: BlockDriver {
     let clusterMap: Qcow2ClusterMap
     let compressedReader: Qcow2CompressedReader
     let snapshotEntries: [Qcow2Snapshot]
+    /// What writes change, and the order it reaches the disk in; nil when read-only.
+    let metadata: Qcow2Metadata?
+    /// The image has persistent dirty bitmaps (which keep it from being resized).
+    let hasBitmaps: Bool
     public let openWarnings: [String]
     /// The node's children, given at attach: the backing chain is read through them, never a copy.
     private let children = Locked<BlockChildren?>(nil)
@@ -27,12 +34,14 @@ public final class Qcow2Driver: BlockDriver {
     private init(file: HostFile, header: Qcow2Header, layout: Qcow2Layout, compression: Qcow2CompressionType,
                  length: Int64, l1: [UInt64], readOnly: Bool, backingReference: BackingReference?,
                  snapshots: [Qcow2Snapshot], warnings: [String] = [], metadataCacheBytes: Int?,
-                 budget: MemoryBudget, cachesOf parent: Qcow2Driver? = nil) {
+                 budget: MemoryBudget, cachesOf parent: Qcow2Driver? = nil,
+                 writable: (refcounts: Qcow2Refcounts, l1Offset: Int64)? = nil, hasBitmaps: Bool = false) {
         self.file = file
         self.header = header
         self.layout = layout
         self.compression = compression
-        self.length = length
+        self.size = Atomic(length)
+        self.hasBitmaps = hasBitmaps
         self.isReadOnly = readOnly
         self.backingReference = backingReference
         self.snapshotEntries = snapshots
@@ -45,7 +54,12 @@ public final class Qcow2Driver: BlockDriver {
         let cache = parent?.clusterMap.cache ?? Qcow2L2Cache(
             capacity: Qcow2L2Cache.defaultCapacity(layout: layout, virtualSize: length, requestedBytes: metadataCacheBytes),
             tableBytes: layout.clusterSize, budget: budget)
-        clusterMap = Qcow2ClusterMap(layout: layout, l1: l1, file: file, cache: cache)
+        let l1Table = Qcow2L1Table(l1)
+        clusterMap = Qcow2ClusterMap(layout: layout, l1: l1Table, file: file, cache: cache)
+        metadata = writable.map {
+            Qcow2Metadata(file: file, layout: layout, l1: l1Table, l1Offset: $0.l1Offset, l2Cache: cache,
+                          refcounts: $0.refcounts)
+        }
         compressedReader = parent?.compressedReader ?? Qcow2CompressedReader(
             file: file, compression: compression, clusterSize: layout.clusterSize, fileSize: layout.fileSize,
             budget: budget)
@@ -115,19 +129,24 @@ public final class Qcow2Driver: BlockDriver {
             try await file.flush()
         }
         var effectiveHeader = header
-        if !context.readOnly { effectiveHeader.autoclearFeatures = 0 }
+        var writable: (refcounts: Qcow2Refcounts, l1Offset: Int64)?
+        if !context.readOnly {
+            effectiveHeader.autoclearFeatures = 0
+            writable = (try await Qcow2Refcounts.load(file: file, header: header, layout: layout), validated.l1Offset)
+        }
         return Qcow2Driver(file: file, header: effectiveHeader, layout: layout, compression: validated.compression,
                            length: validated.virtualSize, l1: l1, readOnly: context.readOnly,
                            backingReference: backingReference, snapshots: snapshotTable.entries,
                            warnings: snapshotTable.warnings,
-                           metadataCacheBytes: context.options.metadataCacheBytes, budget: context.options.memoryBudget)
+                           metadataCacheBytes: context.options.metadataCacheBytes, budget: context.options.memoryBudget,
+                           writable: writable, hasBitmaps: extensions.hasBitmaps)
     }
 
     public func attach(_ children: BlockChildren) {
         self.children.withLock { $0 = children }
     }
 
-    private var backingNode: BlockNode? { children.withLock { $0 }?.backing }
+    var backingNode: BlockNode? { children.withLock { $0 }?.backing }
 
     public var limits: BlockLimits {
         BlockLimits(granularity: layout.clusterSize, optimalTransfer: max(layout.clusterSize, 1 << 20))
@@ -255,21 +274,47 @@ public final class Qcow2Driver: BlockDriver {
         }
     }
 
-    // MARK: Writes (not implemented yet)
+    // MARK: Writes (Qcow2Writes, Qcow2ZeroWrites, Qcow2Resize)
 
-    private func refuseWrite() -> BlockError {
-        isReadOnly ? .readOnly : .unsupported("qcow2 writing is not implemented yet")
-    }
+    func refuseWrite() -> BlockError { .readOnly }
+
+    func setLength(_ newLength: Int64) { size.store(newLength, ordering: .releasing) }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags) async throws {
-        throw refuseWrite()
+        try await writeData(at: offset, from: buffer)
     }
-    public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags) async throws { throw refuseWrite() }
-    public func discard(at offset: Int64, length: Int64) async throws { throw refuseWrite() }
-    public func truncate(to length: Int64) async throws { throw refuseWrite() }
-    public func flush() async throws {}
+
+    public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags) async throws {
+        try await zeroRange(at: offset, length: length, flags: flags)
+    }
+
+    public func discard(at offset: Int64, length: Int64) async throws {
+        try await discardRange(at: offset, length: length)
+    }
+
+    public func truncate(to length: Int64) async throws {
+        try await resize(to: length)
+    }
+
+    public func flush() async throws {
+        guard let metadata else { return }
+        try await metadata.mutex.withLock { try await metadata.flush() }
+    }
+
+    public func reopen(readOnly: Bool) async throws {
+        guard let metadata else {
+            if !readOnly {
+                throw BlockError.unsupported("\(file.path): opened read-only; mount it read-write to write it")
+            }
+            return
+        }
+        if readOnly { try await metadata.mutex.withLock { try await metadata.flushAll() } }
+    }
 
     public func close() async throws {
+        if let metadata {
+            try await metadata.mutex.withLock { try await metadata.flushAll() }
+        }
         // A snapshot view gives its L1 table's share of the image's budget back, once.
         let alreadyClosed = closed.withLock { closed -> Bool in
             defer { closed = true }
@@ -340,8 +385,8 @@ public final class Qcow2Driver: BlockDriver {
         budget.release(bytes)
     }
 
-    /// The refcount table, loaded on demand (for checks and, later, writing).
-    func loadRefcountTable() async throws -> Qcow2RefcountTable {
-        try await Qcow2RefcountTable.load(file: file, header: header, layout: layout)
+    /// The refcounts as stored, loaded afresh (for tests and checks).
+    func loadRefcounts() async throws -> Qcow2Refcounts {
+        try await Qcow2Refcounts.load(file: file, header: header, layout: layout)
     }
 }

@@ -1,0 +1,241 @@
+/// Writes, write-zeroes, discard, truncate and flush of the qcow2 driver: clusters written in place when they are
+/// ours alone, allocated with copy-on-write otherwise (unallocated, zero, compressed, or shared with a snapshot).
+///
+/// An allocating write has three steps, like QEMU's qcow2_co_pwritev: under the metadata mutex it makes the L2
+/// tables writable, allocates host clusters and marks its guest clusters busy; without the mutex it writes the
+/// data with the copy-on-write padding around it (one vectored write per contiguous host range); under the mutex
+/// again it points the L2 entries at the new clusters and queues the old ones for freeing. In-place writes take
+/// no lock at all.
+extension Qcow2Driver {
+    /// What one request does to one guest cluster.
+    struct ClusterWrite {
+        let cluster: Int64
+        var slot: Qcow2L2Slot
+        /// Host offset of the cluster written (its first byte).
+        var host: Int64
+        /// Whether `host` is a new cluster still to be allocated.
+        let allocates: Bool
+        /// Bytes of the cluster written: the guest's data plus the copy-on-write padding around it.
+        let span: Range<Int>
+        /// The guest's data within the cluster.
+        let data: Range<Int>
+        /// Where the data starts in the request's buffer.
+        let bufferOffset: Int
+        /// The new entry and subcluster bitmap (the host offset is or'ed in for allocations); nil: in place.
+        var entry: (word: UInt64, bitmap: UInt64)?
+        /// The reference the old entry held, dropped once the new entry is on disk.
+        var release: (offset: Int64, bytes: Int64)?
+    }
+
+    var clusterBits: Int64 { Int64(layout.clusterBits) }
+
+    func writeData(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws {
+        guard let metadata else { throw refuseWrite() }
+        if try await writeInPlace(at: offset, from: buffer) { return }
+        try await writeAllocating(at: offset, from: buffer, metadata: metadata)
+    }
+
+    /// Writes without touching metadata when every cluster of the range is allocated, ours alone (COPIED) and
+    /// not zero; returns false, having written nothing, otherwise.
+    private func writeInPlace(at offset: Int64, from buffer: UnsafeRawBufferPointer) async throws -> Bool {
+        var segments: [(host: Int64, range: Range<Int>)] = []
+        var done = 0
+        while done < buffer.count {
+            let position = offset + Int64(done)
+            let intra = Int(position & layout.clusterOffsetMask)
+            let count = min(layout.clusterSize - intra, buffer.count - done)
+            let slot = try await clusterMap.slot(ofGuestCluster: position >> clusterBits)
+            guard let host = inPlaceHost(slot, bytes: intra..<(intra + count)) else { return false }
+            if let last = segments.last, last.host + Int64(last.range.count) == host {
+                segments[segments.count - 1].range = last.range.lowerBound..<(done + count)
+            } else {
+                segments.append((host, done..<(done + count)))
+            }
+            done += count
+        }
+        for segment in segments {
+            try await file.write(UnsafeRawBufferPointer(rebasing: buffer[segment.range]), at: segment.host)
+        }
+        return true
+    }
+
+    /// The host offset of `bytes` of the slot's cluster when they can be written where they are.
+    private func inPlaceHost(_ slot: Qcow2L2Slot, bytes: Range<Int>) -> Int64? {
+        let entry = slot.entry
+        guard slot.l2Offset != 0, entry & Qcow2L2Entry.compressedFlag == 0, entry & Qcow2L2Entry.copiedFlag != 0
+        else { return nil }
+        let firstUnit = bytes.lowerBound >> layout.unitBits
+        let lastUnit = (bytes.upperBound - 1) >> layout.unitBits
+        for unit in firstUnit...lastUnit {
+            guard case .success(.data) = Qcow2L2Entry.state(entry: entry, bitmap: slot.bitmap, unit: unit, layout: layout)
+            else { return nil }
+        }
+        return Int64(entry & Qcow2L2Entry.offsetMask) + Int64(bytes.lowerBound)
+    }
+
+    private func writeAllocating(at offset: Int64, from buffer: UnsafeRawBufferPointer,
+                                 metadata: Qcow2Metadata) async throws {
+        let first = offset >> clusterBits
+        let last = (offset + Int64(buffer.count) - 1) >> clusterBits
+        var plans: [ClusterWrite] = []
+        await metadata.mutex.lock()
+        do {
+            await metadata.waitUntilFree(first...last)
+            var done = 0
+            for cluster in first...last {
+                let intra = Int((offset + Int64(done)) & layout.clusterOffsetMask)
+                let count = min(layout.clusterSize - intra, buffer.count - done)
+                plans.append(try await plan(cluster: cluster, data: intra..<(intra + count), bufferOffset: done,
+                                            metadata: metadata))
+                done += count
+            }
+            let allocations = plans.filter(\.allocates).count
+            if allocations > 0 {
+                var next = try await metadata.refcounts.allocate(clusters: allocations)
+                for i in plans.indices where plans[i].allocates {
+                    plans[i].host = next
+                    next += Int64(layout.clusterSize)
+                }
+            }
+            metadata.markBusy(first...last)
+        } catch {
+            metadata.mutex.unlock()
+            throw error
+        }
+        metadata.mutex.unlock()
+
+        do {
+            try await writeClusters(plans, from: buffer)
+        } catch {
+            await metadata.mutex.lock()
+            for plan in plans where plan.allocates { try? await metadata.refcounts.unallocate(plan.host) }
+            metadata.clearBusy(first...last)
+            metadata.mutex.unlock()
+            throw error
+        }
+
+        await metadata.mutex.lock()
+        defer { metadata.mutex.unlock() }
+        defer { metadata.clearBusy(first...last) }
+        var updates: [Qcow2Metadata.EntryUpdate] = []
+        for plan in plans {
+            guard let entry = plan.entry else { continue }
+            updates.append(.init(l2Offset: plan.slot.l2Offset, index: plan.slot.index,
+                                 entry: entry.word | UInt64(plan.host) | Qcow2L2Entry.copiedFlag, bitmap: entry.bitmap))
+            if let release = plan.release { metadata.refcounts.free(release.offset, bytes: release.bytes) }
+        }
+        try await metadata.apply(updates)
+    }
+
+    /// Decides, under the metadata mutex, how the write of `data` reaches guest cluster `cluster`.
+    private func plan(cluster: Int64, data: Range<Int>, bufferOffset: Int, metadata: Qcow2Metadata) async throws
+        -> ClusterWrite
+    {
+        var slot = try await clusterMap.slot(ofGuestCluster: cluster)
+        if let host = inPlaceHost(slot, bytes: data) {
+            return ClusterWrite(cluster: cluster, slot: slot, host: host - Int64(data.lowerBound), allocates: false,
+                                span: data, data: data, bufferOffset: bufferOffset, entry: nil, release: nil)
+        }
+        if try await metadata.writableL2Table(l1Index: slot.l1Index) != slot.l2Offset {
+            slot = try await clusterMap.slot(ofGuestCluster: cluster)
+        }
+        let entry = slot.entry
+        let bitmap = slot.bitmap
+        let units = layout.extendedL2 ? 32 : 1
+        // Every unit is validated first: a corrupt entry fails the write, it is never rewritten blindly.
+        for unit in 0..<units {
+            if case .failure(let problem) = Qcow2L2Entry.state(entry: entry, bitmap: bitmap, unit: unit, layout: layout) {
+                throw BlockError.corrupt("\(file.path): guest cluster \(cluster): \(problem.reason)")
+            }
+        }
+        let clusterSize = layout.clusterSize
+        let compressed = entry & Qcow2L2Entry.compressedFlag != 0
+        let copied = entry & Qcow2L2Entry.copiedFlag != 0
+        let oldHost = compressed ? 0 : Int64(entry & Qcow2L2Entry.offsetMask)
+        var release: (Int64, Int64)?
+        if compressed, case .success(let descriptor) = Qcow2L2Entry.compressed(entry: entry, layout: layout) {
+            // The sectors the descriptor covers, as QEMU frees them.
+            release = (descriptor.hostOffset & ~511, Int64(descriptor.maxCompressedBytes) + (descriptor.hostOffset & 511))
+        } else if oldHost != 0 && !copied {
+            release = (oldHost, Int64(clusterSize))
+        }
+        let reuses = !compressed && copied && oldHost != 0
+        func make(span: Range<Int>, bitmap newBitmap: UInt64) -> ClusterWrite {
+            ClusterWrite(cluster: cluster, slot: slot, host: reuses ? oldHost : 0, allocates: !reuses, span: span,
+                         data: data, bufferOffset: bufferOffset, entry: (0, newBitmap), release: reuses ? nil : release)
+        }
+        guard layout.extendedL2 else {
+            // A whole cluster: a zero cluster that keeps its allocation is reused, anything else gets a new one.
+            return make(span: 0..<clusterSize, bitmap: 0)
+        }
+        let unitSize = 1 << layout.unitBits
+        let firstUnit = data.lowerBound / unitSize
+        let lastUnit = (data.upperBound - 1) / unitSize
+        let touched = UInt64((1 << (lastUnit + 1)) - (1 << firstUnit))
+        let allocated = bitmap & 0xFFFF_FFFF
+        let zero = bitmap >> 32
+        if compressed {
+            return make(span: 0..<clusterSize, bitmap: 0xFFFF_FFFF)
+        }
+        let newBitmap = (allocated | touched) | ((zero & ~touched) << 32)
+        if reuses {
+            // Allocated subclusters at the edges are written in place, byte for byte: another write may be
+            // writing the rest of them right now. Only unallocated ones get padding.
+            let start = allocated >> UInt64(firstUnit) & 1 != 0 ? data.lowerBound : firstUnit * unitSize
+            let end = allocated >> UInt64(lastUnit) & 1 != 0 ? data.upperBound : (lastUnit + 1) * unitSize
+            return make(span: start..<end, bitmap: newBitmap)
+        }
+        if oldHost != 0 {
+            // Shared with a snapshot: the allocated subclusters are copied along.
+            return make(span: 0..<clusterSize, bitmap: newBitmap)
+        }
+        return make(span: (firstUnit * unitSize)..<((lastUnit + 1) * unitSize), bitmap: newBitmap)
+    }
+
+    /// Writes each cluster's span: padding read from what the guest sees there now, and the guest's data, with
+    /// neighbours that follow each other on the host merged into one vectored write.
+    private func writeClusters(_ plans: [ClusterWrite], from buffer: UnsafeRawBufferPointer) async throws {
+        var padding: [UnsafeMutableRawBufferPointer] = []
+        defer { for pad in padding { pad.deallocate() } }
+        func pad(_ plan: ClusterWrite, _ range: Range<Int>) async throws -> UnsafeRawBufferPointer {
+            let pad = UnsafeMutableRawBufferPointer.allocate(byteCount: range.count, alignment: 4096)
+            padding.append(pad)
+            try await read(at: (plan.cluster << clusterBits) + Int64(range.lowerBound), into: pad)
+            return UnsafeRawBufferPointer(pad)
+        }
+        var runs: [(host: Int64, pieces: [UnsafeRawBufferPointer])] = []
+        for plan in plans {
+            var pieces: [UnsafeRawBufferPointer] = []
+            if plan.span.lowerBound < plan.data.lowerBound {
+                pieces.append(try await pad(plan, plan.span.lowerBound..<plan.data.lowerBound))
+            }
+            pieces.append(UnsafeRawBufferPointer(rebasing: buffer[plan.bufferOffset..<(plan.bufferOffset + plan.data.count)]))
+            if plan.data.upperBound < plan.span.upperBound {
+                pieces.append(try await pad(plan, plan.data.upperBound..<plan.span.upperBound))
+            }
+            let start = plan.host + Int64(plan.span.lowerBound)
+            if let last = runs.last, last.host + Int64(last.pieces.reduce(0) { $0 + $1.count }) == start,
+               last.pieces.count + pieces.count <= Self.maxPiecesPerWrite {
+                runs[runs.count - 1].pieces += pieces
+            } else {
+                runs.append((start, pieces))
+            }
+        }
+        for run in runs { try await file.write(vector: Self.mergingAdjacent(run.pieces), at: run.host) }
+    }
+
+    private static let maxPiecesPerWrite = 256
+
+    /// Joins pieces that follow each other in memory (the guest's data cut at cluster boundaries).
+    private static func mergingAdjacent(_ pieces: [UnsafeRawBufferPointer]) -> [UnsafeRawBufferPointer] {
+        var merged: [UnsafeRawBufferPointer] = []
+        for piece in pieces {
+            if let last = merged.last, let end = last.baseAddress.map({ $0 + last.count }), end == piece.baseAddress {
+                merged[merged.count - 1] = UnsafeRawBufferPointer(start: last.baseAddress, count: last.count + piece.count)
+            } else {
+                merged.append(piece)
+            }
+        }
+        return merged
+    }
+}
