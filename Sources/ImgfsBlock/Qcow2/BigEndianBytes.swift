@@ -48,4 +48,13 @@ extension HostFile {
         try await readExactly(into: buffer, at: offset)
         return [UInt8](buffer)
     }
+
+    /// Writes all of `bytes` at `offset`.
+    func writeBytes(_ bytes: [UInt8], at offset: Int64) async throws {
+        if bytes.isEmpty { return }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 16)
+        defer { buffer.deallocate() }
+        buffer.copyBytes(from: bytes)
+        try await write(UnsafeRawBufferPointer(buffer), at: offset)
+    }
 }
