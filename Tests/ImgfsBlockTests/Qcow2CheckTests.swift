@@ -4,12 +4,12 @@ import ImgfsTestSupport
 @testable import ImgfsBlock
 
 /// What `qemu-img check --output=json` reports; its absent optional fields are zero.
-private struct QemuCheck {
+struct QemuCheck {
     let fields: [String: Int64]
     subscript(_ key: String) -> Int64 { fields[key] ?? 0 }
 }
 
-private func qemuCheck(_ scratch: QemuScratch, _ image: String) throws -> QemuCheck {
+func qemuCheck(_ scratch: QemuScratch, _ image: String) throws -> QemuCheck {
     // Leaks and corruptions exit non-zero; the JSON on stdout is what matters.
     let output = try runTool("qemu-img", ["check", "--output=json", scratch.path(image)], cwd: scratch.directory.path,
                              check: false).outputData

@@ -33,28 +33,6 @@ let seekHole: Int32 = 4
 let KiB = 1024
 let MiB = 1024 * 1024
 
-// MARK: - The binary under test
-
-enum ImgfsBinary {
-    /// `IMGFS_BIN`, else `<package root>/.build/debug/imgfs`.
-    static func path(filePath: String = #filePath) throws -> String {
-        if let env = ProcessInfo.processInfo.environment["IMGFS_BIN"], !env.isEmpty {
-            guard access(env, X_OK) == 0 else {
-                throw TestFailure("IMGFS_BIN=\(env) is not an executable file")
-            }
-            return env
-        }
-        // Tests/ImgfsMountTests/Support.swift → package root
-        let root = URL(fileURLWithPath: filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent()
-        let candidate = root.appendingPathComponent(".build/debug/imgfs").path
-        guard access(candidate, X_OK) == 0 else {
-            throw TestFailure("imgfs binary not found at \(candidate): run `swift build` first (or set IMGFS_BIN)")
-        }
-        return candidate
-    }
-}
-
 // MARK: - Mount table
 
 func mountPoints() -> [String] { MountTable.entries().map(\.mountpoint) }

@@ -6,21 +6,39 @@ public struct Qcow2Check {
     public static let maxHostClusters = 1 << 28
 
     private let file: HostFile
-    private let header: Qcow2Header
+    let header: Qcow2Header
+    let validated: Qcow2ValidatedHeader
     private let layout: Qcow2Layout
     private let clusterSize: Int64
     private let clusterBits: Int64
     /// Host clusters of the file, rounded up; references just past it (less than a cluster past the end of the
     /// file) are kept aside in `beyondEnd`.
-    private let fileClusters: Int
+    let fileClusters: Int
     private let refcountBits: Int
     private let refcountMax: UInt64
-    private var expected: [UInt32]
-    private var beyondEnd: [Int64: UInt32] = [:]
+    /// References counted per host cluster inside the file.
+    private(set) var expected: [UInt32]
+    private(set) var beyondEnd: [Int64: UInt32] = [:]
+    /// Exact stored refcounts of the clusters in `beyondEnd`.
+    private(set) var beyondEndStored: [Int64: UInt64] = [:]
     /// Stored refcounts of clusters inside the file, saturated at UInt32.max (only compared with 1).
-    private var stored: [UInt32]
-    private var result = Qcow2CheckResult()
+    private(set) var stored: [UInt32]
+    private(set) var result = Qcow2CheckResult()
     private let refcountTable: [UInt64]
+
+    // What the repair needs to know beyond the counts qemu-img reports.
+    /// Clusters of which one counted reference is the refcount table or a refcount block (once per reference):
+    /// a new refcount structure no longer references them.
+    private(set) var refcountStructureReferences: [Int] = []
+    private var countingRefcountStructure = false
+    /// Problems a new refcount structure fixes: stored counts that differ from the references, refcount table
+    /// entries that are unusable, refcount blocks that cannot be read or are shared.
+    private(set) var refcountProblems = 0
+    /// OFLAG_COPIED in the active L1 and L2 tables disagreeing with the stored refcount.
+    private(set) var copiedFlagErrors = 0
+    /// Why some references could not be counted (a reference far past the end of the file, a snapshot or bitmap
+    /// left out); nil when every one was. Counts derived from an incomplete walk must not be written.
+    private(set) var incompleteWalk: String?
 
     static let offsetMask: UInt64 = 0x00FF_FFFF_FFFF_FE00
     static let l1ReservedMask: UInt64 = 0x7F00_0000_0000_01FF
@@ -37,6 +55,11 @@ public struct Qcow2Check {
 
     /// Checks an opened qcow2 image; throws when the header is unusable (nothing can be counted then).
     public static func check(file: HostFile) async throws -> Qcow2CheckResult {
+        try await analyze(file: file).result
+    }
+
+    /// Runs the check and returns all it computed (the repair reads the counts).
+    static func analyze(file: HostFile) async throws -> Qcow2Check {
         let path = file.path
         func invalid(_ reason: String) -> BlockError { .invalidImage(path: path, reason: reason) }
         let fileSize = try file.size()
@@ -74,15 +97,17 @@ public struct Qcow2Check {
         let tableBytes = Int(header.refcountTableClusters) * header.clusterSize
         let table = tableBytes == 0 ? [] : try await Qcow2ClusterMap.loadL1(
             file: file, offset: validated.refcountTableOffset, entries: tableBytes / 8)
-        var check = Qcow2Check(file: file, header: header, fileSize: fileSize, clusters: Int(clusters),
-                               refcountTable: table)
-        try await check.run(validated: validated, extensions: extensions)
-        return check.result
+        var check = Qcow2Check(file: file, header: header, validated: validated, fileSize: fileSize,
+                               clusters: Int(clusters), refcountTable: table)
+        try await check.run(extensions: extensions)
+        return check
     }
 
-    private init(file: HostFile, header: Qcow2Header, fileSize: Int64, clusters: Int, refcountTable: [UInt64]) {
+    private init(file: HostFile, header: Qcow2Header, validated: Qcow2ValidatedHeader, fileSize: Int64, clusters: Int,
+                 refcountTable: [UInt64]) {
         self.file = file
         self.header = header
+        self.validated = validated
         layout = Qcow2Layout(header: header, fileSize: fileSize)
         clusterSize = Int64(header.clusterSize)
         clusterBits = Int64(header.clusterBits)
@@ -94,7 +119,7 @@ public struct Qcow2Check {
         self.refcountTable = refcountTable
     }
 
-    private mutating func run(validated: Qcow2ValidatedHeader, extensions: Qcow2HeaderExtensions) async throws {
+    private mutating func run(extensions: Qcow2HeaderExtensions) async throws {
         let virtualSize = validated.virtualSize
         result.totalClusters = virtualSize / clusterSize + (virtualSize % clusterSize == 0 ? 0 : 1)
         // Stored refcounts first: the OFLAG_COPIED check during the walk compares against them.
@@ -110,6 +135,7 @@ public struct Qcow2Check {
         for warning in snapshots.warnings {
             result.corruptions += 1
             result.report("ERROR \(warning)")
+            incompleteWalk = incompleteWalk ?? "a snapshot table entry is unreadable"
         }
         if snapshots.missingEntries > 0 { result.corruptions += snapshots.missingEntries - 1 }
         if snapshots.incompleteEntries > 0 {
@@ -120,7 +146,9 @@ public struct Qcow2Check {
             try await walkL1(offset: snapshot.l1TableOffset, entries: snapshot.l1Size, active: false)
         }
         if header.snapshotCount > 0 { reference(validated.snapshotsOffset, bytes: snapshots.byteCount) }
+        countingRefcountStructure = true
         reference(validated.refcountTableOffset, bytes: Int64(refcountTable.count) * 8)
+        countingRefcountStructure = false
         // QEMU ignores the bitmaps extension unless its autoclear bit says the bitmaps are still in sync.
         if let bitmaps = extensions.bitmapsData, header.autoclearFeatures & 1 != 0 {
             try await walkBitmaps(BigEndianBytes(bitmaps))
@@ -138,6 +166,7 @@ public struct Qcow2Check {
         // a reference a whole cluster or more past it, rather than counting it as a reference.
         let (limit, overflow) = offset.addingReportingOverflow(bytes)
         guard !overflow, limit - layout.fileSize < clusterSize else {
+            incompleteWalk = incompleteWalk ?? "the image references clusters past the end of the file"
             result.corruptions += 1
             result.report("ERROR: counting reference for region exceeding the end of the file by one cluster or more: " +
                           "offset 0x\(String(offset, radix: 16)) size 0x\(String(bytes, radix: 16))")
@@ -147,11 +176,13 @@ public struct Qcow2Check {
         for cluster in (offset >> clusterBits)...(end >> clusterBits) {
             let current = cluster < Int64(fileClusters) ? expected[Int(cluster)] : beyondEnd[cluster, default: 0]
             if UInt64(current) >= refcountMax || current == UInt32.max {
+                incompleteWalk = incompleteWalk ?? "a cluster has more references than its refcount can hold"
                 result.corruptions += 1
                 result.report("ERROR: overflow cluster offset=0x\(String(cluster << clusterBits, radix: 16))")
                 continue
             }
             if cluster < Int64(fileClusters) { expected[Int(cluster)] = current + 1 } else { beyondEnd[cluster] = current + 1 }
+            if countingRefcountStructure { refcountStructureReferences.append(Int(cluster)) }
         }
     }
 
@@ -170,6 +201,7 @@ public struct Qcow2Check {
                 let copied = entry & Qcow2L2Entry.copiedFlag != 0
                 // As QEMU, an unreadable refcount is neither reported nor counted here: the comparison counts it.
                 if let refcount = try await storedRefcount(cluster: l2Offset >> clusterBits), (refcount == 1) != copied {
+                    copiedFlagErrors += 1
                     result.corruptions += 1
                     result.report("ERROR OFLAG_COPIED L2 cluster: l1_index=\(index) " +
                                   "l1_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
@@ -227,6 +259,7 @@ public struct Qcow2Check {
                 nextContiguous = host &+ clusterSize
                 let copied = entry & Qcow2L2Entry.copiedFlag != 0
                 if let refcount = try await storedRefcount(cluster: host >> clusterBits), (refcount == 1) != copied {
+                    copiedFlagErrors += 1
                     result.corruptions += 1
                     result.report("ERROR OFLAG_COPIED data cluster: l2_entry=\(String(entry, radix: 16)) refcount=\(refcount)")
                 }
@@ -258,12 +291,14 @@ public struct Qcow2Check {
         guard let count = data.u32(0), let directoryBytes = data.u64(8), let directoryOffset = data.u64(16) else {
             result.corruptions += 1
             result.report("ERROR bitmaps extension is shorter than 24 bytes")
+            incompleteWalk = incompleteWalk ?? "the bitmaps extension is unreadable"
             return
         }
         guard directoryBytes <= Self.maxBitmapDirectoryBytes,
               let offset = Qcow2Table.checkedOffset(directoryOffset, bytes: directoryBytes, fileSize: layout.fileSize) else {
             result.checkErrors += 1
             result.report("ERROR bitmap directory at \(directoryOffset) (\(directoryBytes) bytes) is unreadable")
+            incompleteWalk = incompleteWalk ?? "the bitmap directory is unreadable"
             return
         }
         reference(offset, bytes: Int64(directoryBytes))
@@ -274,6 +309,7 @@ public struct Qcow2Check {
                   let nameSize = directory.u16(position + 18), let extraSize = directory.u32(position + 20) else {
                 result.corruptions += 1
                 result.report("ERROR bitmap directory entry \(index) passes the end of the directory")
+                incompleteWalk = incompleteWalk ?? "a bitmap directory entry is unreadable"
                 return
             }
             position += (24 + Int(extraSize) + Int(nameSize) + 7) & ~7
@@ -282,6 +318,7 @@ public struct Qcow2Check {
                                                        fileSize: layout.fileSize) else {
                 result.corruptions += 1
                 result.report("ERROR bitmap \(index): table at \(tableOffset) (\(tableEntries) entries) lies outside the file")
+                incompleteWalk = incompleteWalk ?? "a bitmap table lies outside the file"
                 continue
             }
             reference(table, bytes: Int64(tableEntries) * 8)
@@ -293,6 +330,8 @@ public struct Qcow2Check {
     }
 
     private mutating func referenceRefcountBlocks() {
+        let corruptionsBefore = result.corruptions
+        defer { refcountProblems += result.corruptions - corruptionsBefore }
         for (index, word) in refcountTable.enumerated() {
             let offset = word & ~Self.refcountReservedMask
             if word & Self.refcountReservedMask != 0 {
@@ -312,7 +351,9 @@ public struct Qcow2Check {
             }
             guard offset != 0 else { continue }
             let cluster = Int(offset >> UInt64(clusterBits))
+            countingRefcountStructure = true
             reference(Int64(offset), bytes: clusterSize)
+            countingRefcountStructure = false
             if expected[cluster] != 1 {
                 result.corruptions += 1
                 result.report("ERROR refcount block \(index) refcount=\(expected[cluster])")
@@ -381,6 +422,15 @@ public struct Qcow2Check {
         return value
     }
 
+    /// Gives up the per-cluster arrays, so that the repair derives its counts from them without a copy.
+    mutating func takeCounts() -> (expected: [UInt32], stored: [UInt32]) {
+        defer {
+            expected = []
+            stored = []
+        }
+        return (expected, stored)
+    }
+
     // MARK: Comparison
 
     private mutating func compare() async throws {
@@ -390,6 +440,7 @@ public struct Qcow2Check {
             let tableIndex = index / perBlock
             if tableIndex < refcountTable.count && isUnreadableBlock(refcountTable[tableIndex]) {
                 result.checkErrors += 1
+                refcountProblems += 1
                 result.report("ERROR: Can't get refcount for cluster \(index)")
                 continue
             }
@@ -402,9 +453,11 @@ public struct Qcow2Check {
         for (index, references) in beyondEnd.sorted(by: { $0.key < $1.key }) {
             guard let storedValue = try await exactStoredRefcount(cluster: index) else {
                 result.checkErrors += 1
+                refcountProblems += 1
                 result.report("ERROR: Can't get refcount for cluster \(index)")
                 continue
             }
+            beyondEndStored[index] = storedValue
             compareOne(cluster: index, stored: storedValue, expected: UInt64(references), highest: &highest)
         }
         let (end, overflow) = (highest + 1).multipliedReportingOverflow(by: clusterSize)
@@ -414,6 +467,7 @@ public struct Qcow2Check {
     private mutating func compareOne(cluster: Int64, stored: UInt64, expected: UInt64, highest: inout Int64) {
         if stored > 0 || expected > 0 { highest = cluster }
         guard stored != expected else { return }
+        refcountProblems += 1
         if stored < expected {
             result.corruptions += 1
             result.report("ERROR cluster \(cluster) refcount=\(stored) reference=\(expected)")

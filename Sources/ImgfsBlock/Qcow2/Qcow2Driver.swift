@@ -78,6 +78,13 @@ public final class Qcow2Driver: BlockDriver {
         } catch {
             throw invalid(error.reason)
         }
+        if !context.readOnly && header.version == 3
+            && header.incompatibleFeatures & Qcow2IncompatibleFeature.dirty.mask != 0 {
+            // Left dirty by a writer with lazy refcounts that did not close it: as QEMU does, the refcounts are
+            // rebuilt (and the bit cleared) before anything is written, then the image is opened afresh.
+            _ = try await Qcow2RefcountRebuild.rebuildIfDirty(file: file)
+            return try await open(context)
+        }
         // Header, extensions and backing file name all live in the first cluster.
         let headerCluster = BigEndianBytes(
             try await file.readBytes(count: Int(min(fileSize, Int64(header.clusterSize))), at: 0))

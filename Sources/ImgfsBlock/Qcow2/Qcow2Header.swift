@@ -3,6 +3,12 @@ struct Qcow2Header: Sendable {
     static let magic: UInt32 = 0x5146_49FB  // "QFI\xfb"
     static let version2Length = 72
     static let version3MinimumLength = 104
+    /// Offset of the 8-byte size field, followed by crypt_method, l1_size and l1_table_offset.
+    static let sizeOffset: Int64 = 24
+    /// Offset of refcount_table_offset (8 bytes), followed by refcount_table_clusters (4 bytes).
+    static let refcountTableFieldsOffset: Int64 = 48
+    /// Offset of the 8-byte incompatible_features field (version 3).
+    static let incompatibleFeaturesOffset: Int64 = 72
     /// Offset of the 8-byte autoclear_features field (version 3).
     static let autoclearFeaturesOffset: Int64 = 88
 

@@ -121,7 +121,7 @@ final class Qcow2Metadata: @unchecked Sendable {
         try await file.flush()
         // Bytes 24-47: size, crypt_method (0), l1_size, l1_table_offset, in one write.
         let fields = BigEndianWriter().u64(UInt64(size)).u32(0).u32(UInt32(entries)).u64(UInt64(newOffset)).bytes
-        try await writeHeader(fields, at: 24)
+        try await writeHeader(fields, at: Qcow2Header.sizeOffset)
         try await file.flush()
         l1Offset = newOffset
         l1Dirty = false
@@ -172,7 +172,7 @@ final class Qcow2Metadata: @unchecked Sendable {
         try await refcounts.writeTable()
         if refcounts.tableMoved {
             try await file.flush()
-            try await writeHeader(refcounts.headerFields, at: 48)
+            try await writeHeader(refcounts.headerFields, at: Qcow2Header.refcountTableFieldsOffset)
             try await file.flush()
             refcounts.headerWritten()
         }

@@ -30,7 +30,7 @@ extension Qcow2Driver {
             if needed > Int64(metadata.l1.count) {
                 try await metadata.moveL1(entries: Int(needed), size: newLength)
             } else {
-                try await metadata.writeHeader(BigEndianWriter().u64(UInt64(newLength)).bytes, at: 24)
+                try await metadata.writeHeader(BigEndianWriter().u64(UInt64(newLength)).bytes, at: Qcow2Header.sizeOffset)
                 try await file.flush()
             }
             setLength(newLength)
@@ -73,7 +73,7 @@ extension Qcow2Driver {
                 // The entries are gone from the disk before the header says the disk is smaller.
                 try await metadata.flush()
             }
-            try await metadata.writeHeader(BigEndianWriter().u64(UInt64(newLength)).bytes, at: 24)
+            try await metadata.writeHeader(BigEndianWriter().u64(UInt64(newLength)).bytes, at: Qcow2Header.sizeOffset)
             try await file.flush()
             setLength(newLength)
         }
