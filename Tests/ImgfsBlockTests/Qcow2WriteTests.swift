@@ -5,7 +5,7 @@ import Testing
 
 /// Writes through the qcow2 driver, checked against QEMU: `qemu-img check` clean, `qemu-img convert` equal to a
 /// model of the writes.
-@Suite struct Qcow2WriteTests {
+@Suite(.serialized) struct Qcow2WriteTests {
     /// Creates an image, applies seeded writes through imgfs (closing and reopening half way, so a second open
     /// starts from what the first left on disk), and checks the result.
     private func exercise(_ scratch: QemuScratch, image: String, size: Int, clusterSize: Int, seed: UInt64,
@@ -235,5 +235,58 @@ extension Qcow2WriteTests {
         try scratch.expectContents("d.qcow2", equal: model)
         let info = try scratch.run("qemu-img", ["info", "--output=json", scratch.path("d.qcow2")])
         #expect(String(decoding: info, as: UTF8.self).contains("\"dirty-flag\": false"))
+    }
+}
+
+extension Qcow2WriteTests {
+    /// The ranges a bitmap marks dirty, as QEMU reads the bitmap: qemu-nbd exports it and `qemu-img map` shows
+    /// dirty ranges as `"data": false`.
+    private func dirtyRanges(_ scratch: QemuScratch, _ image: String, bitmap: String) throws -> [Range<Int64>] {
+        let socket = scratch.path("nbd.sock")
+        try scratch.run("qemu-nbd", ["--fork", "-k", socket, "-f", "qcow2", "-r", "-B", bitmap, scratch.path(image)])
+        let map = try scratch.run("qemu-img", ["map", "--output=json", "--image-opts",
+                                               "driver=nbd,server.type=unix,server.path=\(socket),x-dirty-bitmap=qemu:dirty-bitmap:\(bitmap)"])
+        let extents = try JSONSerialization.jsonObject(with: map) as? [[String: Any]] ?? []
+        return extents.compactMap { extent in
+            guard let start = extent["start"] as? Int64, let length = extent["length"] as? Int64,
+                  extent["data"] as? Bool == false else { return nil }
+            return start..<(start + length)
+        }
+    }
+
+    @Test func enabledBitmapsRecordEveryWriteAndAreStoredConsistent() async throws {
+        let scratch = try QemuScratch()
+        try scratch.qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", scratch.path("b.qcow2"), "8M")
+        try scratch.qemuImg("bitmap", "--add", "-g", "65536", scratch.path("b.qcow2"), "enabled")
+        try scratch.qemuImg("bitmap", "--add", "--disable", scratch.path("b.qcow2"), "disabled")
+        try scratch.qemuIO("b.qcow2", ["write -P 0x10 0 4k"])
+        var model = DiskModel(bytes: try scratch.rawContents("b.qcow2"))
+        let node = try await openImage(scratch.path("b.qcow2"), readOnly: false)
+        try await randomWrites(node, model: &model, seed: 12, count: 30, clusterSize: 65536, window: (1 << 20)..<(6 << 20))
+        try await node.writeZeroes(at: 7 << 20, length: 100_000, flags: .mayUnmap)
+        model.zero(7 << 20, 100_000)
+        try await node.close()
+        try scratch.expectCleanCheck("b.qcow2")
+        try scratch.expectContents("b.qcow2", equal: model)
+        let info = String(decoding: try scratch.run("qemu-img", ["info", scratch.path("b.qcow2")]), as: UTF8.self)
+        #expect(!info.contains("in-use"), "\(info)")
+        // Every 64 KiB chunk the writes touched is dirty in the enabled bitmap; none is in the disabled one.
+        let dirty = try dirtyRanges(scratch, "b.qcow2", bitmap: "enabled")
+        var rng = SplitMix64(seed: 12)
+        var touched: [Range<Int64>] = [0..<4096, Int64(7 << 20)..<Int64((7 << 20) + 100_000)]
+        for _ in 0..<30 {
+            let length = Int.random(in: 1...(3 * 65536), using: &rng)
+            let offset = Int.random(in: (1 << 20)..<((6 << 20) - length), using: &rng)
+            if Int.random(in: 0..<6, using: &rng) == 0 { _ = Bool.random(using: &rng) }
+            touched.append(Int64(offset)..<Int64(offset + length))
+        }
+        for range in touched {
+            let first = range.lowerBound / 65536 * 65536
+            let covered = dirty.contains { $0.lowerBound <= first && $0.upperBound >= range.upperBound }
+                || stride(from: first, to: range.upperBound, by: 65536).allSatisfy { chunk in dirty.contains { $0.contains(chunk) } }
+            #expect(covered, "\(range) not dirty in \(dirty)")
+        }
+        #expect(!dirty.contains { $0.overlaps(Int64(6 << 20)..<Int64(7 << 20)) }, "untouched space is dirty: \(dirty)")
+        #expect(try dirtyRanges(scratch, "b.qcow2", bitmap: "disabled").isEmpty)
     }
 }

@@ -231,7 +231,7 @@ struct Qcow2MountTests {
             if isMounted(mnt) { _ = umount2(mnt, Int32(MNT_DETACH)) }
         }
         // The refused path is readable once its directory is allowed.
-        try scratch.mount(inner + "/o.qcow2", at: mnt, ["--allow-path", dir])
+        try scratch.mount(inner + "/o.qcow2", at: mnt, ["--allow-path", dir, "--read-only"])
         let ref = try reference(scratch, inner + "/o.qcow2")
         try expectSame(mnt + "/o.raw", ref, "allowed outside")
         let ofd = try openOrThrow(mnt + "/o.raw", O_RDONLY)

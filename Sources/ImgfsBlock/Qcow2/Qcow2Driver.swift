@@ -19,6 +19,8 @@ public final class Qcow2Driver: BlockDriver {
     let metadata: Qcow2Metadata?
     /// The image has persistent dirty bitmaps (which keep it from being resized).
     let hasBitmaps: Bool
+    /// The enabled bitmaps a read-write open keeps up to date.
+    let bitmaps: Qcow2Bitmaps?
     public let openWarnings: [String]
     /// The node's children, given at attach: the backing chain is read through them, never a copy.
     private let children = Locked<BlockChildren?>(nil)
@@ -35,13 +37,15 @@ public final class Qcow2Driver: BlockDriver {
                  length: Int64, l1: [UInt64], readOnly: Bool, backingReference: BackingReference?,
                  snapshots: [Qcow2Snapshot], warnings: [String] = [], metadataCacheBytes: Int?,
                  budget: MemoryBudget, cachesOf parent: Qcow2Driver? = nil,
-                 writable: (refcounts: Qcow2Refcounts, l1Offset: Int64)? = nil, hasBitmaps: Bool = false) {
+                 writable: (refcounts: Qcow2Refcounts, l1Offset: Int64)? = nil, hasBitmaps: Bool = false,
+                 bitmaps: Qcow2Bitmaps? = nil) {
         self.file = file
         self.header = header
         self.layout = layout
         self.compression = compression
         self.size = Atomic(length)
         self.hasBitmaps = hasBitmaps
+        self.bitmaps = bitmaps
         self.isReadOnly = readOnly
         self.backingReference = backingReference
         self.snapshotEntries = snapshots
@@ -126,19 +130,24 @@ public final class Qcow2Driver: BlockDriver {
         let snapshotTable = try await Qcow2Snapshot.readTable(file: file, offset: validated.snapshotsOffset,
                                                               count: Int(header.snapshotCount), header: header,
                                                               fileSize: fileSize)
-        if !context.readOnly && header.version == 3 && header.autoclearFeatures != 0 {
-            // Autoclear bits promise extra data (bitmaps) kept in sync with the disk; we do not keep it, so as
-            // QEMU does for bits it does not know, clear them before anything can be written.
-            let cleared = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
-            defer { cleared.deallocate() }
-            cleared.initializeMemory(as: UInt8.self, repeating: 0)
-            try await file.write(UnsafeRawBufferPointer(cleared), at: Qcow2Header.autoclearFeaturesOffset)
-            try await file.flush()
-        }
         var effectiveHeader = header
         var writable: (refcounts: Qcow2Refcounts, l1Offset: Int64)?
+        var bitmaps: Qcow2Bitmaps?
         if !context.readOnly {
-            effectiveHeader.autoclearFeatures = 0
+            // Bit 0 says the bitmaps are in sync with the disk, and we keep them so; other autoclear bits promise
+            // data we do not keep, so as QEMU does for bits it does not know, they are cleared before any write.
+            var kept = header.autoclearFeatures & Qcow2AutoclearFeature.bitmaps
+            if kept != 0, let data = extensions.bitmapsData {
+                bitmaps = try await Qcow2Bitmaps.open(file: file, layout: layout, extensionData: data,
+                                                      diskSize: validated.virtualSize)
+            } else {
+                kept = 0
+            }
+            if header.version == 3 && header.autoclearFeatures != kept {
+                try await file.writeBytes(BigEndianWriter().u64(kept).bytes, at: Qcow2Header.autoclearFeaturesOffset)
+                try await file.flush()
+            }
+            effectiveHeader.autoclearFeatures = kept
             writable = (try await Qcow2Refcounts.load(file: file, header: header, layout: layout), validated.l1Offset)
         }
         return Qcow2Driver(file: file, header: effectiveHeader, layout: layout, compression: validated.compression,
@@ -146,7 +155,7 @@ public final class Qcow2Driver: BlockDriver {
                            backingReference: backingReference, snapshots: snapshotTable.entries,
                            warnings: snapshotTable.warnings,
                            metadataCacheBytes: context.options.metadataCacheBytes, budget: context.options.memoryBudget,
-                           writable: writable, hasBitmaps: extensions.hasBitmaps)
+                           writable: writable, hasBitmaps: extensions.hasBitmaps, bitmaps: bitmaps)
     }
 
     public func attach(_ children: BlockChildren) {
@@ -288,14 +297,17 @@ public final class Qcow2Driver: BlockDriver {
     func setLength(_ newLength: Int64) { size.store(newLength, ordering: .releasing) }
 
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags) async throws {
+        bitmaps?.mark(offset, length: Int64(buffer.count))
         try await writeData(at: offset, from: buffer)
     }
 
     public func writeZeroes(at offset: Int64, length: Int64, flags: BlockRequestFlags) async throws {
+        bitmaps?.mark(offset, length: length)
         try await zeroRange(at: offset, length: length, flags: flags)
     }
 
     public func discard(at offset: Int64, length: Int64) async throws {
+        bitmaps?.mark(offset, length: length)
         try await discardRange(at: offset, length: length)
     }
 
@@ -320,7 +332,10 @@ public final class Qcow2Driver: BlockDriver {
 
     public func close() async throws {
         if let metadata {
-            try await metadata.mutex.withLock { try await metadata.flushAll() }
+            try await metadata.mutex.withLock {
+                if let bitmaps { try await bitmaps.store(metadata: metadata) }
+                try await metadata.flushAll()
+            }
         }
         // A snapshot view gives its L1 table's share of the image's budget back, once.
         let alreadyClosed = closed.withLock { closed -> Bool in

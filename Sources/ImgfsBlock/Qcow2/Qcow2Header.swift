@@ -110,6 +110,14 @@ enum Qcow2IncompatibleFeature: Int, CaseIterable {
     static let knownMask: UInt64 = allCases.reduce(0) { $0 | $1.mask }
 }
 
+/// The autoclear feature bits qcow2 defines.
+enum Qcow2AutoclearFeature {
+    /// The bitmaps extension is consistent with the image.
+    static let bitmaps: UInt64 = 1 << 0
+    /// The external data file holds a valid raw image.
+    static let rawExternalData: UInt64 = 1 << 1
+}
+
 /// Compression algorithms of compressed clusters (header field compression_type).
 enum Qcow2CompressionType: UInt8, Sendable {
     case zlib = 0

@@ -29,6 +29,7 @@ extension Qcow2Driver {
 
     /// Discard frees whole clusters; the partial ones at the edges keep their data (discard is advisory).
     func discardRange(at offset: Int64, length: Int64) async throws {
+        guard metadata != nil else { throw refuseWrite() }
         let unit = layout.unitSize
         let start = (offset + unit - 1) / unit * unit
         let end = (offset + length) / unit * unit
