@@ -106,7 +106,8 @@ private func setDirty(_ scratch: QemuScratch, _ image: String) throws {
     try scratch.patch(image, at: 72, bigEndianBytes(features | 1))
 }
 
-@Suite(.serialized) struct Qcow2RepairTests {
+extension ImageWritingSuites {
+@Suite struct Qcow2RepairTests {
     @Test(arguments: [
         "refcount_bits=1", "refcount_bits=16", "refcount_bits=64",
         "cluster_size=512", "cluster_size=512,refcount_bits=1", "cluster_size=512,refcount_bits=64", "compat=0.10",
@@ -393,4 +394,5 @@ private func setDirty(_ scratch: QemuScratch, _ image: String) throws {
         // A plain check takes no locks and still runs.
         #expect(try runTool(binary, ["check", scratch.path("q.qcow2")], check: false).status == 3)
     }
+}
 }

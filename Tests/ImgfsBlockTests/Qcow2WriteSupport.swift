@@ -3,6 +3,10 @@ import Foundation
 import ImgfsTestSupport
 import Testing
 
+/// Suites that build and write images with QEMU's tools, one at a time: each blocks a cooperative thread while a
+/// tool runs, and several at once would starve the timing-sensitive tests of the sync primitives.
+@Suite(.serialized) struct ImageWritingSuites {}
+
 /// The disk a test expects: every write applied to a plain byte array, to compare with `qemu-img convert`.
 struct DiskModel {
     var bytes: [UInt8]

@@ -5,7 +5,8 @@ import Testing
 
 /// Writes through the qcow2 driver, checked against QEMU: `qemu-img check` clean, `qemu-img convert` equal to a
 /// model of the writes.
-@Suite(.serialized) struct Qcow2WriteTests {
+extension ImageWritingSuites {
+@Suite struct Qcow2WriteTests {
     /// Creates an image, applies seeded writes through imgfs (closing and reopening half way, so a second open
     /// starts from what the first left on disk), and checks the result.
     private func exercise(_ scratch: QemuScratch, image: String, size: Int, clusterSize: Int, seed: UInt64,
@@ -219,7 +220,9 @@ import Testing
     }
 }
 
-extension Qcow2WriteTests {
+}
+
+extension ImageWritingSuites.Qcow2WriteTests {
     @Test func aDirtyImageIsRepairedBeforeItIsWritten() async throws {
         let scratch = try QemuScratch()
         try scratch.qemuImg("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4096", scratch.path("d.qcow2"), "4M")
@@ -238,7 +241,7 @@ extension Qcow2WriteTests {
     }
 }
 
-extension Qcow2WriteTests {
+extension ImageWritingSuites.Qcow2WriteTests {
     /// The ranges a bitmap marks dirty, as QEMU reads the bitmap: qemu-nbd exports it and `qemu-img map` shows
     /// dirty ranges as `"data": false`.
     private func dirtyRanges(_ scratch: QemuScratch, _ image: String, bitmap: String) throws -> [Range<Int64>] {
@@ -288,5 +291,25 @@ extension Qcow2WriteTests {
         }
         #expect(!dirty.contains { $0.overlaps(Int64(6 << 20)..<Int64(7 << 20)) }, "untouched space is dirty: \(dirty)")
         #expect(try dirtyRanges(scratch, "b.qcow2", bitmap: "disabled").isEmpty)
+    }
+}
+
+extension ImageWritingSuites.Qcow2WriteTests {
+    @Test func aDataWriteOntoMetadataIsRefused() async throws {
+        let scratch = try QemuScratch()
+        try scratch.qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", scratch.path("m.qcow2"), "1M")
+        try scratch.qemuIO("m.qcow2", ["write -P 0x11 0 4k"])
+        // Point guest cluster 0's entry (COPIED, so an in-place write) at the L1 table, then at the refcount table.
+        let l1Offset = bigEndianValue(try scratch.read("m.qcow2", at: 40, count: 8))
+        let refcountTable = bigEndianValue(try scratch.read("m.qcow2", at: 48, count: 8))
+        let l2Offset = bigEndianValue(try scratch.read("m.qcow2", at: l1Offset, count: 8)) & 0x00FF_FFFF_FFFF_FE00
+        for target in [l1Offset, refcountTable, 0] {
+            try scratch.patch("m.qcow2", at: l2Offset, bigEndianBytes(target | 1 << 63))
+            let before = try scratch.read("m.qcow2", at: 0, count: 4 << 12)
+            let node = try await openImage(scratch.path("m.qcow2"), readOnly: false)
+            await #expect(throws: BlockError.self) { try await write(node, at: 0, [UInt8](repeating: 0xEE, count: 512)) }
+            try await node.close()
+            #expect(try scratch.read("m.qcow2", at: 0, count: 4 << 12) == before, "target \(target)")
+        }
     }
 }

@@ -61,14 +61,16 @@ final class Qcow2Bitmaps: Sendable {
 
     let tracked: [Tracked]
     let directoryOffset: Int64
+    let directoryBytes: Int64
 
     /// Bitmap bytes held in memory at most, over all bitmaps of an image.
     static let maxBitmapBytes = 64 << 20
     static let maxDirectoryBytes: UInt64 = 64 << 20
 
-    private init(tracked: [Tracked], directoryOffset: Int64) {
+    private init(tracked: [Tracked], directoryOffset: Int64, directoryBytes: Int64) {
         self.tracked = tracked
         self.directoryOffset = directoryOffset
+        self.directoryBytes = directoryBytes
     }
 
     /// Loads the enabled bitmaps named by the bitmaps extension's payload and marks them in use on disk (durably,
@@ -124,10 +126,21 @@ final class Qcow2Bitmaps: Sendable {
             }
             tracked.append(Tracked(entry: entry, tableOffset: tableOffset, table: table, bits: bits))
         }
-        let bitmaps = Qcow2Bitmaps(tracked: tracked, directoryOffset: offset)
+        let bitmaps = Qcow2Bitmaps(tracked: tracked, directoryOffset: offset, directoryBytes: Int64(directoryBytes))
         try await bitmaps.setInUse(true, file: file)
         try await file.flush()
         return bitmaps
+    }
+
+    /// The directory, tables and data clusters of the bitmaps we keep, for the overlap check.
+    func recordMetadata(in clusters: Qcow2MetadataClusters) {
+        clusters.insert(directoryOffset, bytes: directoryBytes)
+        for bitmap in tracked {
+            clusters.insert(bitmap.tableOffset, bytes: Int64(bitmap.table.count) * 8)
+            for word in bitmap.table where word & Qcow2L2Entry.offsetMask != 0 {
+                clusters.insert(Int64(word & Qcow2L2Entry.offsetMask), bytes: 1)
+            }
+        }
     }
 
     private func setInUse(_ inUse: Bool, file: HostFile) async throws {
@@ -176,6 +189,7 @@ final class Qcow2Bitmaps: Sendable {
                 let owned = old != 0 ? try await metadata.refcounts.refcount(ofHostCluster: old >> Int64(layout.clusterBits)) == 1 : false
                 if !owned {
                     host = try await metadata.refcounts.allocate(clusters: 1)
+                    metadata.metadataClusters.insert(host, bytes: Int64(clusterSize))
                     if old != 0 { metadata.refcounts.free(old, bytes: Int64(clusterSize)) }
                 }
                 // Unused tail bits stay zero, as the spec requires.

@@ -150,6 +150,13 @@ public final class Qcow2Driver: BlockDriver {
             effectiveHeader.autoclearFeatures = kept
             writable = (try await Qcow2Refcounts.load(file: file, header: header, layout: layout), validated.l1Offset)
         }
+        if let metadata = writable.map({ $0.refcounts.metadataClusters }) {
+            metadata.insert(validated.snapshotsOffset, bytes: snapshotTable.byteCount)
+            for snapshot in snapshotTable.entries {
+                metadata.insert(snapshot.l1TableOffset, bytes: Int64(snapshot.l1Size) * 8)
+            }
+            bitmaps?.recordMetadata(in: metadata)
+        }
         return Qcow2Driver(file: file, header: effectiveHeader, layout: layout, compression: validated.compression,
                            length: validated.virtualSize, l1: l1, readOnly: context.readOnly,
                            backingReference: backingReference, snapshots: snapshotTable.entries,

@@ -21,6 +21,8 @@ final class Qcow2Metadata: @unchecked Sendable {
     private let busyWaiters = AsyncWaitQueue()
     /// Dirty L2 tables kept before a write triggers a flush on its own.
     private let dirtyTableLimit: Int
+    /// Where guest data must never be written.
+    var metadataClusters: Qcow2MetadataClusters { refcounts.metadataClusters }
 
     init(file: HostFile, layout: Qcow2Layout, l1: Qcow2L1Table, l1Offset: Int64, l2Cache: Qcow2L2Cache,
          refcounts: Qcow2Refcounts) {
@@ -31,6 +33,12 @@ final class Qcow2Metadata: @unchecked Sendable {
         self.l2Cache = l2Cache
         self.refcounts = refcounts
         dirtyTableLimit = max(16, min(l2Cache.capacity / 2, (32 << 20) / layout.clusterSize))
+        let clusters = refcounts.metadataClusters
+        clusters.insert(0, bytes: Int64(layout.clusterSize))
+        clusters.insert(l1Offset, bytes: Int64(l1.count * 8))
+        for entry in l1.words where entry & Qcow2L2Entry.offsetMask != 0 {
+            clusters.insert(Int64(entry & Qcow2L2Entry.offsetMask), bytes: Int64(layout.clusterSize))
+        }
     }
 
     // MARK: Cluster reservations (mutex held)
@@ -73,6 +81,7 @@ final class Qcow2Metadata: @unchecked Sendable {
             words = try await l2Cache.table(at: offset, clusterSize: layout.clusterSize, file: file).words
         }
         let newOffset = try await refcounts.allocate(clusters: 1)
+        metadataClusters.insert(newOffset, bytes: Int64(layout.clusterSize))
         l2Cache.update(Qcow2L2Table(words: words), at: newOffset)
         l1.set(l1Index, to: UInt64(newOffset) | Qcow2L2Entry.copiedFlag)
         l1Dirty = true
@@ -112,6 +121,7 @@ final class Qcow2Metadata: @unchecked Sendable {
         let bytes = entries * 8
         let clusters = (bytes + layout.clusterSize - 1) / layout.clusterSize
         let newOffset = try await refcounts.allocate(clusters: clusters)
+        metadataClusters.insert(newOffset, bytes: Int64(clusters * layout.clusterSize))
         let oldOffset = l1Offset
         let oldClusters = (l1.count * 8 + layout.clusterSize - 1) / layout.clusterSize
         l1.grow(to: entries)

@@ -26,6 +26,8 @@ final class Qcow2Refcounts: @unchecked Sendable {
     private var pendingFrees: [Int64] = []
     /// No cluster below this one is free (QEMU's free_cluster_index).
     private var freeHint: Int64 = 0
+    /// Where metadata lives, for the overlap check; new refcount blocks and tables are added as they appear.
+    let metadataClusters: Qcow2MetadataClusters
 
     static let reservedMask: UInt64 = 0x1FF
     /// QEMU's limit on the refcount table.
@@ -42,6 +44,9 @@ final class Qcow2Refcounts: @unchecked Sendable {
         self.table = table
         self.tableOffset = tableOffset
         self.tableClusters = tableClusters
+        metadataClusters = Qcow2MetadataClusters(clusterBits: layout.clusterBits)
+        metadataClusters.insert(tableOffset, bytes: Int64(tableClusters * layout.clusterSize))
+        for offset in table where offset != 0 { metadataClusters.insert(offset, bytes: Int64(layout.clusterSize)) }
     }
 
     /// Loads the table named by a validated header (its size is already bounded by the 8 MiB limit).
@@ -115,6 +120,7 @@ final class Qcow2Refcounts: @unchecked Sendable {
         blocks[index] = Qcow2RefcountBlock(zeroedClusterSize: layout.clusterSize, order: order)
         dirtyBlocks.insert(index)
         table[index] = home << clusterBits
+        metadataClusters.insert(home << clusterBits, bytes: clusterSize)
         tableDirty = true
         try await setRefcount(home, to: 1)
     }
@@ -141,6 +147,7 @@ final class Qcow2Refcounts: @unchecked Sendable {
         table.append(contentsOf: repeatElement(0, count: entries - table.count))
         tableOffset = start << clusterBits
         tableClusters = clusters
+        metadataClusters.insert(tableOffset, bytes: Int64(clusters) << clusterBits)
         tableDirty = true
         tableMoved = true
         for cluster in start..<(start + Int64(clusters)) { try await setRefcount(cluster, to: 1) }
@@ -205,6 +212,7 @@ final class Qcow2Refcounts: @unchecked Sendable {
                 freeHint = min(freeHint, cluster)
             }
         }
+        metadataClusters.remove(clusters: released)
         return released
     }
 

@@ -54,6 +54,7 @@ extension Qcow2Driver {
             done += count
         }
         for segment in segments {
+            try checkNotMetadata(segment.host, bytes: segment.range.count)
             try await file.write(UnsafeRawBufferPointer(rebasing: buffer[segment.range]), at: segment.host)
         }
         return true
@@ -221,7 +222,17 @@ extension Qcow2Driver {
                 runs.append((start, pieces))
             }
         }
-        for run in runs { try await file.write(vector: Self.mergingAdjacent(run.pieces), at: run.host) }
+        for run in runs {
+            try checkNotMetadata(run.host, bytes: run.pieces.reduce(0) { $0 + $1.count })
+            try await file.write(vector: Self.mergingAdjacent(run.pieces), at: run.host)
+        }
+    }
+
+    /// Refuses a data write that would land on metadata: only a corrupt image (an entry naming a table, a
+    /// refcount too low) can ask for one, and doing it would destroy the image.
+    private func checkNotMetadata(_ host: Int64, bytes: Int) throws {
+        guard let metadata, metadata.metadataClusters.overlaps(host, bytes: Int64(bytes)) else { return }
+        throw BlockError.corrupt("\(file.path): a data write at host offset \(host) would overwrite metadata; refused")
     }
 
     private static let maxPiecesPerWrite = 256
