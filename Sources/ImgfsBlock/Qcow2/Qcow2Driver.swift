@@ -21,6 +21,10 @@ public final class Qcow2Driver: BlockDriver {
     let hasBitmaps: Bool
     /// The enabled bitmaps a read-write open keeps up to date.
     let bitmaps: Qcow2Bitmaps?
+    /// The host file system refused fallocate ZERO_RANGE once; new clusters get their zeros written from then on.
+    private let zeroRangeRefused = Atomic<Bool>(false)
+    var zeroRangeWorks: Bool { !zeroRangeRefused.load(ordering: .relaxed) }
+    func markZeroRangeUnsupported() { zeroRangeRefused.store(true, ordering: .relaxed) }
     public let openWarnings: [String]
     /// The node's children, given at attach: the backing chain is read through them, never a copy.
     private let children = Locked<BlockChildren?>(nil)

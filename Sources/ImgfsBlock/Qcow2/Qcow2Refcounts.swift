@@ -160,7 +160,9 @@ final class Qcow2Refcounts: @unchecked Sendable {
         var runStart = start
         var run = 0
         while cluster < limit {
-            if try await refcount(ofHostCluster: cluster) == 0 {
+            // A cluster known to hold metadata is never free, whatever a damaged refcount says: handing it out
+            // would put a new table or guest data over a live one.
+            if try await refcount(ofHostCluster: cluster) == 0 && !metadataClusters.overlaps(cluster << clusterBits, bytes: 1) {
                 if run == 0 { runStart = cluster }
                 run += 1
                 if run == count { return runStart }

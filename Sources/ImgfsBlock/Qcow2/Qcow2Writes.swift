@@ -195,6 +195,10 @@ extension Qcow2Driver {
 
     /// Writes each cluster's span: padding read from what the guest sees there now, and the guest's data, with
     /// neighbours that follow each other on the host merged into one vectored write.
+    ///
+    /// A new cluster whose padding is all zeros is zeroed by the host instead (fallocate ZERO_RANGE, as QEMU's
+    /// handle_alloc_space does) and only the guest's data is written: a 4 KiB write into a fresh 64 KiB cluster
+    /// then moves 4 KiB, not 64.
     private func writeClusters(_ plans: [ClusterWrite], from buffer: UnsafeRawBufferPointer) async throws {
         var padding: [UnsafeMutableRawBufferPointer] = []
         defer { for pad in padding { pad.deallocate() } }
@@ -204,22 +208,38 @@ extension Qcow2Driver {
             try await read(at: (plan.cluster << clusterBits) + Int64(range.lowerBound), into: pad)
             return UnsafeRawBufferPointer(pad)
         }
+        var zeroed: [(offset: Int64, length: Int64)] = []
         var runs: [(host: Int64, pieces: [UnsafeRawBufferPointer])] = []
         for plan in plans {
-            var pieces: [UnsafeRawBufferPointer] = []
-            if plan.span.lowerBound < plan.data.lowerBound {
-                pieces.append(try await pad(plan, plan.span.lowerBound..<plan.data.lowerBound))
+            let data = UnsafeRawBufferPointer(rebasing: buffer[plan.bufferOffset..<(plan.bufferOffset + plan.data.count)])
+            var head: UnsafeRawBufferPointer?
+            var tail: UnsafeRawBufferPointer?
+            if plan.span.lowerBound < plan.data.lowerBound { head = try await pad(plan, plan.span.lowerBound..<plan.data.lowerBound) }
+            if plan.data.upperBound < plan.span.upperBound { tail = try await pad(plan, plan.data.upperBound..<plan.span.upperBound) }
+            var pieces: [UnsafeRawBufferPointer]
+            var start: Int64
+            if plan.allocates, head != nil || tail != nil, zeroRangeWorks,
+               head.map(Self.isZero) ?? true, tail.map(Self.isZero) ?? true {
+                zeroed.append((plan.host + Int64(plan.span.lowerBound), Int64(plan.span.count)))
+                pieces = [data]
+                start = plan.host + Int64(plan.data.lowerBound)
+            } else {
+                pieces = [head, data, tail].compactMap { $0 }
+                start = plan.host + Int64(plan.span.lowerBound)
             }
-            pieces.append(UnsafeRawBufferPointer(rebasing: buffer[plan.bufferOffset..<(plan.bufferOffset + plan.data.count)]))
-            if plan.data.upperBound < plan.span.upperBound {
-                pieces.append(try await pad(plan, plan.data.upperBound..<plan.span.upperBound))
-            }
-            let start = plan.host + Int64(plan.span.lowerBound)
             if let last = runs.last, last.host + Int64(last.pieces.reduce(0) { $0 + $1.count }) == start,
                last.pieces.count + pieces.count <= Self.maxPiecesPerWrite {
                 runs[runs.count - 1].pieces += pieces
             } else {
                 runs.append((start, pieces))
+            }
+        }
+        for range in zeroed {
+            try checkNotMetadata(range.offset, bytes: Int(range.length))
+            guard try await file.fallocate(mode: FallocateMode.zeroRange, offset: range.offset, length: range.length) else {
+                // The host file system cannot: remember it, and write this request's zeros the plain way.
+                markZeroRangeUnsupported()
+                return try await writeClusters(plans, from: buffer)
             }
         }
         for run in runs {
@@ -233,6 +253,14 @@ extension Qcow2Driver {
     private func checkNotMetadata(_ host: Int64, bytes: Int) throws {
         guard let metadata, metadata.metadataClusters.overlaps(host, bytes: Int64(bytes)) else { return }
         throw BlockError.corrupt("\(file.path): a data write at host offset \(host) would overwrite metadata; refused")
+    }
+
+    private static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        let words = bytes.count / 8
+        let base = bytes.baseAddress!
+        for i in 0..<words where base.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self) != 0 { return false }
+        for i in (words * 8)..<bytes.count where bytes[i] != 0 { return false }
+        return true
     }
 
     private static let maxPiecesPerWrite = 256
