@@ -113,6 +113,36 @@ final class Qcow2Metadata: @unchecked Sendable {
         if l2Cache.dirtyCount > dirtyTableLimit { try await flush() }
     }
 
+    /// What an allocating write hands back once its data is written: entries to point at it, references to drop,
+    /// and the guest clusters it held busy.
+    struct CompletedWrite {
+        var updates: [EntryUpdate] = []
+        var releases: [(offset: Int64, bytes: Int64)] = []
+        let busy: ClosedRange<Int64>
+    }
+
+    /// Completed writes waiting for the mutex; whoever holds it next applies them all.
+    private let completedWrites = Locked<[CompletedWrite]>([])
+
+    /// Publishes a write's entries. Writes completing together are applied as one batch by the first of them to
+    /// get the mutex (one copy of each L2 table per batch, not per write); the others find theirs applied already.
+    /// Returns once this write's entries are in the tables.
+    func complete(_ write: CompletedWrite) async throws {
+        completedWrites.withLock { $0.append(write) }
+        await mutex.lock()
+        defer { mutex.unlock() }
+        let batch = completedWrites.withLock { queued -> [CompletedWrite] in
+            defer { queued = [] }
+            return queued
+        }
+        guard !batch.isEmpty else { return }
+        defer { for write in batch { clearBusy(write.busy) } }
+        for write in batch {
+            for release in write.releases { refcounts.free(release.offset, bytes: release.bytes) }
+        }
+        try await apply(batch.flatMap(\.updates))
+    }
+
     /// Points the image at a new, larger L1 table: everything the old one named is flushed first, the new table
     /// is written and made durable, then the header names it and the new disk size in one write, and the old
     /// table's clusters are freed.

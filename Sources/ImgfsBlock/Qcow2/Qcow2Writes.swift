@@ -115,17 +115,15 @@ extension Qcow2Driver {
             throw error
         }
 
-        await metadata.mutex.lock()
-        defer { metadata.mutex.unlock() }
-        defer { metadata.clearBusy(first...last) }
-        var updates: [Qcow2Metadata.EntryUpdate] = []
+        var completion = Qcow2Metadata.CompletedWrite(busy: first...last)
         for plan in plans {
             guard let entry = plan.entry else { continue }
-            updates.append(.init(l2Offset: plan.slot.l2Offset, index: plan.slot.index,
-                                 entry: entry.word | UInt64(plan.host) | Qcow2L2Entry.copiedFlag, bitmap: entry.bitmap))
-            if let release = plan.release { metadata.refcounts.free(release.offset, bytes: release.bytes) }
+            completion.updates.append(.init(l2Offset: plan.slot.l2Offset, index: plan.slot.index,
+                                            entry: entry.word | UInt64(plan.host) | Qcow2L2Entry.copiedFlag,
+                                            bitmap: entry.bitmap))
+            if let release = plan.release { completion.releases.append(release) }
         }
-        try await metadata.apply(updates)
+        try await metadata.complete(completion)
     }
 
     /// Decides, under the metadata mutex, how the write of `data` reaches guest cluster `cluster`.
@@ -212,14 +210,20 @@ extension Qcow2Driver {
         var runs: [(host: Int64, pieces: [UnsafeRawBufferPointer])] = []
         for plan in plans {
             let data = UnsafeRawBufferPointer(rebasing: buffer[plan.bufferOffset..<(plan.bufferOffset + plan.data.count)])
+            let padded = plan.span != plan.data
+            let knownZero = padded && plan.allocates && zeroRangeWorks && padsReadAsZeros(plan)
             var head: UnsafeRawBufferPointer?
             var tail: UnsafeRawBufferPointer?
-            if plan.span.lowerBound < plan.data.lowerBound { head = try await pad(plan, plan.span.lowerBound..<plan.data.lowerBound) }
-            if plan.data.upperBound < plan.span.upperBound { tail = try await pad(plan, plan.data.upperBound..<plan.span.upperBound) }
+            if !knownZero && plan.span.lowerBound < plan.data.lowerBound {
+                head = try await pad(plan, plan.span.lowerBound..<plan.data.lowerBound)
+            }
+            if !knownZero && plan.data.upperBound < plan.span.upperBound {
+                tail = try await pad(plan, plan.data.upperBound..<plan.span.upperBound)
+            }
             var pieces: [UnsafeRawBufferPointer]
             var start: Int64
-            if plan.allocates, head != nil || tail != nil, zeroRangeWorks,
-               head.map(Self.isZero) ?? true, tail.map(Self.isZero) ?? true {
+            if knownZero || (plan.allocates && padded && zeroRangeWorks
+                             && head.map(Self.isZero) ?? true && tail.map(Self.isZero) ?? true) {
                 zeroed.append((plan.host + Int64(plan.span.lowerBound), Int64(plan.span.count)))
                 pieces = [data]
                 start = plan.host + Int64(plan.data.lowerBound)
@@ -253,6 +257,17 @@ extension Qcow2Driver {
     private func checkNotMetadata(_ host: Int64, bytes: Int) throws {
         guard let metadata, metadata.metadataClusters.overlaps(host, bytes: Int64(bytes)) else { return }
         throw BlockError.corrupt("\(file.path): a data write at host offset \(host) would overwrite metadata; refused")
+    }
+
+    /// Whether the cluster's old state makes its padding zeros without reading it: unallocated with nothing
+    /// beneath, or zero (the common case of a write into a fresh image).
+    private func padsReadAsZeros(_ plan: ClusterWrite) -> Bool {
+        let entry = plan.slot.entry
+        if entry & Qcow2L2Entry.compressedFlag != 0 || entry & Qcow2L2Entry.offsetMask != 0 { return false }
+        let noBacking = backingNode == nil
+        guard layout.extendedL2 else { return noBacking || (layout.version >= 3 && entry & Qcow2L2Entry.zeroFlag != 0) }
+        let units = (plan.span.lowerBound >> layout.unitBits)...((plan.span.upperBound - 1) >> layout.unitBits)
+        return units.allSatisfy { unit in noBacking || (plan.slot.bitmap >> UInt64(32 + unit)) & 1 != 0 }
     }
 
     private static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
