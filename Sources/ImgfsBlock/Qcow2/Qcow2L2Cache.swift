@@ -1,3 +1,5 @@
+import Synchronization
+
 /// One L2 table, its big-endian words already converted to host order. Immutable: a writer makes a changed copy,
 /// so readers never see a table half-updated.
 final class Qcow2L2Table: Sendable {
@@ -37,6 +39,8 @@ final class Qcow2L2Cache: Sendable {
     private let tables: BudgetedCache<Int64, Qcow2L2Table>
     private let loads = SingleFlightLoader<Int64, Qcow2L2Table>()
     private let dirty = Locked(DirtyTables())
+    /// How many tables are dirty, readable without the lock: lookups on a read-only image (always 0) skip it.
+    private let dirtyTableCount = Atomic<Int>(0)
 
     private struct DirtyTables {
         var tables: [Int64: Qcow2L2Table] = [:]
@@ -64,7 +68,7 @@ final class Qcow2L2Cache: Sendable {
     }
 
     func cached(at offset: Int64) -> Qcow2L2Table? {
-        if let table = dirty.withLock({ $0.tables[offset] }) { return table }
+        if dirtyTableCount.load(ordering: .acquiring) > 0, let table = dirty.withLock({ $0.tables[offset] }) { return table }
         return tables.value(for: offset)
     }
 
@@ -73,6 +77,7 @@ final class Qcow2L2Cache: Sendable {
         dirty.withLock { state in
             state.tables[offset] = table
             state.changes &+= 1
+            dirtyTableCount.store(state.tables.count, ordering: .releasing)
         }
     }
 
@@ -89,6 +94,7 @@ final class Qcow2L2Cache: Sendable {
             tables.insert(table, for: offset)
             if state.tables[offset] === table { state.tables[offset] = nil }
             state.changes &+= 1
+            dirtyTableCount.store(state.tables.count, ordering: .releasing)
         }
     }
 
