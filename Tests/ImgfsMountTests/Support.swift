@@ -106,9 +106,19 @@ final class Scratch {
         }
     }
 
-    /// `imgfs unmount MOUNTPOINT`, which waits for the daemon to exit.
+    /// `imgfs unmount MOUNTPOINT`, which waits for the daemon to exit. A mount can stay busy for a moment after
+    /// its last file is closed (the kernel drops its references asynchronously, a system-wide sync holds it), so
+    /// a busy refusal is retried for a few seconds before it fails the test.
     func unmount(_ mountpoint: String) throws {
-        try imgfs(["unmount", mountpoint])
+        var result = try imgfs(["unmount", mountpoint], check: false)
+        let deadline = Date().addingTimeInterval(5)
+        while result.status != 0 && result.stderr.contains("busy") && Date() < deadline {
+            usleep(100_000)
+            result = try imgfs(["unmount", mountpoint], check: false)
+        }
+        if result.status != 0 {
+            throw TestFailure("imgfs unmount \(mountpoint) exited \(result.status): \(result.stderr)")
+        }
     }
 
     func cleanup() {
