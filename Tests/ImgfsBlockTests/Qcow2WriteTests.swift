@@ -313,3 +313,24 @@ extension ImageWritingSuites.Qcow2WriteTests {
         }
     }
 }
+
+extension ImageWritingSuites.Qcow2WriteTests {
+    @Test func theRefcountTableGrowsWhenTheFileOutgrowsIt() async throws {
+        let scratch = try QemuScratch()
+        // 512-byte clusters with 64-bit refcounts: one table cluster covers 64 blocks of 64 clusters, 2 MiB of file.
+        try scratch.qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", scratch.path("g.qcow2"), "16M")
+        let tableBefore = bigEndianValue(try scratch.read("g.qcow2", at: 48, count: 8))
+        var model = DiskModel(bytes: [UInt8](repeating: 0, count: 16 << 20))
+        let node = try await openImage(scratch.path("g.qcow2"), readOnly: false)
+        for chunk in 0..<100 {
+            let data = randomBytes(64 << 10, seed: UInt64(chunk) &+ 4242)
+            try await write(node, at: Int64(chunk) << 16, data)
+            model.write(data, at: chunk << 16)
+        }
+        try await node.close()
+        #expect(bigEndianValue(try scratch.read("g.qcow2", at: 48, count: 8)) != tableBefore)
+        #expect(try scratch.read("g.qcow2", at: 56, count: 4) != [0, 0, 0, 1])
+        try scratch.expectCleanCheck("g.qcow2")
+        try scratch.expectContents("g.qcow2", equal: model)
+    }
+}
