@@ -90,6 +90,17 @@ enum Qcow2L2Entry {
         return .success(.data(hostOffset: host))
     }
 
+    /// The host bytes an entry holds a reference to, as QEMU frees them: a compressed cluster's whole sectors, or
+    /// a standard entry's host cluster; nil when it references nothing (or is too damaged to say).
+    static func hostReference(entry: UInt64, layout: Qcow2Layout) -> (offset: Int64, bytes: Int64)? {
+        if entry & compressedFlag != 0 {
+            guard case .success(let cluster) = compressed(entry: entry, layout: layout) else { return nil }
+            return (cluster.hostOffset & ~511, Int64(cluster.maxCompressedBytes) + (cluster.hostOffset & 511))
+        }
+        let host = Int64(entry & offsetMask)
+        return host == 0 ? nil : (host, Int64(layout.clusterSize))
+    }
+
     /// Splits a compressed descriptor: bits 0..x-1 host offset, x..61 additional 512-byte sectors,
     /// where x = 62 - (cluster_bits - 8).
     static func compressed(entry: UInt64, layout: Qcow2Layout) -> Result<Qcow2CompressedCluster, L2EntryProblem> {

@@ -63,9 +63,9 @@ extension Qcow2Driver {
                     let slot = try await clusterMap.slot(ofGuestCluster: cluster)
                     guard slot.l2Offset != 0, slot.entry != 0 || slot.bitmap != 0 else { continue }
                     let l2 = try await metadata.writableL2Table(l1Index: slot.l1Index)
-                    if slot.entry & Qcow2L2Entry.compressedFlag == 0 {
-                        let host = Int64(slot.entry & Qcow2L2Entry.offsetMask)
-                        if host != 0 { metadata.refcounts.free(host, bytes: Int64(layout.clusterSize)) }
+                    // Only zero entries get here (data was refused above); a zero cluster may still hold a host one.
+                    if let old = Qcow2L2Entry.hostReference(entry: slot.entry, layout: layout) {
+                        metadata.refcounts.free(old.offset, bytes: old.bytes)
                     }
                     updates.append(.init(l2Offset: l2, index: slot.index, entry: 0, bitmap: 0))
                 }

@@ -130,34 +130,20 @@ extension Qcow2Driver {
     private func plan(cluster: Int64, data: Range<Int>, bufferOffset: Int, metadata: Qcow2Metadata) async throws
         -> ClusterWrite
     {
-        var slot = try await clusterMap.slot(ofGuestCluster: cluster)
-        if let host = inPlaceHost(slot, bytes: data) {
-            return ClusterWrite(cluster: cluster, slot: slot, host: host - Int64(data.lowerBound), allocates: false,
+        let found = try await clusterMap.slot(ofGuestCluster: cluster)
+        if let host = inPlaceHost(found, bytes: data) {
+            return ClusterWrite(cluster: cluster, slot: found, host: host - Int64(data.lowerBound), allocates: false,
                                 span: data, data: data, bufferOffset: bufferOffset, entry: nil, release: nil)
         }
-        if try await metadata.writableL2Table(l1Index: slot.l1Index) != slot.l2Offset {
-            slot = try await clusterMap.slot(ofGuestCluster: cluster)
-        }
+        let slot = try await writableSlot(ofGuestCluster: cluster, metadata: metadata)
         let entry = slot.entry
         let bitmap = slot.bitmap
-        let units = layout.extendedL2 ? 32 : 1
-        // Every unit is validated first: a corrupt entry fails the write, it is never rewritten blindly.
-        for unit in 0..<units {
-            if case .failure(let problem) = Qcow2L2Entry.state(entry: entry, bitmap: bitmap, unit: unit, layout: layout) {
-                throw BlockError.corrupt("\(file.path): guest cluster \(cluster): \(problem.reason)")
-            }
-        }
         let clusterSize = layout.clusterSize
         let compressed = entry & Qcow2L2Entry.compressedFlag != 0
         let copied = entry & Qcow2L2Entry.copiedFlag != 0
         let oldHost = compressed ? 0 : Int64(entry & Qcow2L2Entry.offsetMask)
-        var release: (Int64, Int64)?
-        if compressed, case .success(let descriptor) = Qcow2L2Entry.compressed(entry: entry, layout: layout) {
-            // The sectors the descriptor covers, as QEMU frees them.
-            release = (descriptor.hostOffset & ~511, Int64(descriptor.maxCompressedBytes) + (descriptor.hostOffset & 511))
-        } else if oldHost != 0 && !copied {
-            release = (oldHost, Int64(clusterSize))
-        }
+        // Whatever the old entry referenced is dropped, unless the cluster is ours and written in place.
+        let release = Qcow2L2Entry.hostReference(entry: entry, layout: layout)
         let reuses = !compressed && copied && oldHost != 0
         func make(span: Range<Int>, bitmap newBitmap: UInt64) -> ClusterWrite {
             ClusterWrite(cluster: cluster, slot: slot, host: reuses ? oldHost : 0, allocates: !reuses, span: span,
@@ -189,6 +175,22 @@ extension Qcow2Driver {
             return make(span: 0..<clusterSize, bitmap: newBitmap)
         }
         return make(span: (firstUnit * unitSize)..<((lastUnit + 1) * unitSize), bitmap: newBitmap)
+    }
+
+    /// Guest cluster `cluster`'s entry once its L2 table is ours to change (allocated, or copied from a snapshot),
+    /// with every unit validated: a corrupt entry fails the request, it is never rewritten blindly.
+    func writableSlot(ofGuestCluster cluster: Int64, metadata: Qcow2Metadata) async throws -> Qcow2L2Slot {
+        var slot = try await clusterMap.slot(ofGuestCluster: cluster)
+        if try await metadata.writableL2Table(l1Index: slot.l1Index) != slot.l2Offset {
+            slot = try await clusterMap.slot(ofGuestCluster: cluster)
+        }
+        for unit in 0..<(layout.extendedL2 ? 32 : 1) {
+            if case .failure(let problem) = Qcow2L2Entry.state(entry: slot.entry, bitmap: slot.bitmap, unit: unit,
+                                                               layout: layout) {
+                throw BlockError.corrupt("\(file.path): guest cluster \(cluster): \(problem.reason)")
+            }
+        }
+        return slot
     }
 
     /// Writes each cluster's span: padding read from what the guest sees there now, and the guest's data, with

@@ -37,21 +37,12 @@ extension Qcow2Driver {
         try await zeroRange(at: start, length: end - start, flags: .mayUnmap)
     }
 
-    /// Zero bytes written as data, in chunks, through the ordinary write path.
+    /// Zero bytes written as data through the ordinary write path.
     private func writeZeroBytes(at offset: Int64, length: Int64, flags: BlockRequestFlags) async throws {
         if flags.contains(.noFallback) {
             throw BlockError.unsupported("\(file.path): this range cannot be zeroed without writing zero bytes")
         }
-        let chunk = Int(min(length, 1 << 20))
-        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
-        defer { zeros.deallocate() }
-        zeros.initializeMemory(as: UInt8.self, repeating: 0)
-        var done: Int64 = 0
-        while done < length {
-            let count = Int(min(Int64(chunk), length - done))
-            try await writeData(at: offset + done, from: UnsafeRawBufferPointer(rebasing: zeros[..<count]))
-            done += Int64(count)
-        }
+        try await ZeroChunks.write(at: offset, length: length) { try await writeData(at: $0, from: $1) }
     }
 
     /// Makes whole units (clusters, or subclusters with extended L2) of `range` read as zeros by changing entries;
@@ -72,34 +63,23 @@ extension Qcow2Driver {
         for cluster in first...last {
             let clusterStart = cluster << clusterBits
             let covered = max(range.lowerBound, clusterStart)..<min(range.upperBound, clusterStart + clusterSize)
-            var slot = try await clusterMap.slot(ofGuestCluster: cluster)
+            let found = try await clusterMap.slot(ofGuestCluster: cluster)
             // Unallocated with nothing beneath reads as zeros already: no table is allocated just to say so.
-            if slot.l2Offset == 0 && !hasBacking { continue }
-            if slot.entry == 0 && slot.bitmap == 0 && !hasBacking { continue }
+            if found.l2Offset == 0 && !hasBacking { continue }
+            if found.entry == 0 && found.bitmap == 0 && !hasBacking { continue }
             if layout.version < 3 && hasBacking {
                 fallback.append(covered)
                 continue
             }
-            if try await metadata.writableL2Table(l1Index: slot.l1Index) != slot.l2Offset {
-                slot = try await clusterMap.slot(ofGuestCluster: cluster)
-            }
-            let units = layout.extendedL2 ? 32 : 1
-            for unit in 0..<units {
-                if case .failure(let problem) = Qcow2L2Entry.state(entry: slot.entry, bitmap: slot.bitmap, unit: unit,
-                                                                   layout: layout) {
-                    throw BlockError.corrupt("\(file.path): guest cluster \(cluster): \(problem.reason)")
-                }
-            }
+            let slot = try await writableSlot(ofGuestCluster: cluster, metadata: metadata)
             let entry = slot.entry
             let compressed = entry & Qcow2L2Entry.compressedFlag != 0
             let copied = entry & Qcow2L2Entry.copiedFlag != 0
             let host = compressed ? 0 : Int64(entry & Qcow2L2Entry.offsetMask)
             let whole = covered.count == Int(clusterSize)
             func releaseOld() {
-                if compressed, case .success(let d) = Qcow2L2Entry.compressed(entry: entry, layout: layout) {
-                    metadata.refcounts.free(d.hostOffset & ~511, bytes: Int64(d.maxCompressedBytes) + (d.hostOffset & 511))
-                } else if host != 0 {
-                    metadata.refcounts.free(host, bytes: clusterSize)
+                if let old = Qcow2L2Entry.hostReference(entry: entry, layout: layout) {
+                    metadata.refcounts.free(old.offset, bytes: old.bytes)
                 }
             }
             func update(_ word: UInt64, _ bitmap: UInt64) {

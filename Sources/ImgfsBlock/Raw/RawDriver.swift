@@ -124,15 +124,6 @@ public final class RawDriver: BlockDriver {
     public func formatInfo() -> [String: InfoValue] { [:] }
 
     static func writeZeroBytes(_ file: HostFile, offset: Int64, length: Int64) async throws {
-        let chunk = Int(min(length, 1 << 20))
-        let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 16)
-        defer { zeros.deallocate() }
-        zeros.initializeMemory(as: UInt8.self, repeating: 0)
-        var done: Int64 = 0
-        while done < length {
-            let n = Int(min(Int64(chunk), length - done))
-            try await file.write(UnsafeRawBufferPointer(rebasing: zeros[..<n]), at: offset + done)
-            done += Int64(n)
-        }
+        try await ZeroChunks.write(at: offset, length: length) { try await file.write($1, at: $0) }
     }
 }
