@@ -172,6 +172,7 @@ final class Qcow2Bitmaps: Sendable {
         let layout = metadata.layout
         let file = metadata.file
         let clusterSize = layout.clusterSize
+        var tables: [[UInt64]] = []
         for bitmap in tracked {
             let bits = bitmap.bits.withLock { $0 }
             var table = bitmap.table
@@ -196,8 +197,11 @@ final class Qcow2Bitmaps: Sendable {
                 try await file.writeBytes(Array(chunk) + [UInt8](repeating: 0, count: clusterSize - length), at: host)
                 table[index] = UInt64(host)
             }
-            // The data and its refcounts are durable before the table names them.
-            try await metadata.flush()
+            tables.append(table)
+        }
+        // The data of every bitmap and its refcounts are durable before any table names them.
+        try await metadata.flush()
+        for (bitmap, table) in zip(tracked, tables) {
             var tableBytes: [UInt8] = []
             tableBytes.reserveCapacity(table.count * 8)
             for word in table { withUnsafeBytes(of: word.bigEndian) { tableBytes += $0 } }
