@@ -182,6 +182,9 @@ public final class Qcow2Driver: BlockDriver {
     // MARK: Reads
 
     public func read(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        // Registered before the lookups: a cluster this read finds is not freed until the read is done.
+        let reader = metadata?.readers.enter()
+        defer { if let reader { metadata?.readers.leave(reader) } }
         let backing = backingNode
         var compressed: [CompressedPiece] = []
         var done = 0
@@ -213,6 +216,8 @@ public final class Qcow2Driver: BlockDriver {
     /// Serves the range only where the L2 tables are cached and every run is plain data already in the page cache,
     /// zeros, or unallocated with no backing file; compressed clusters and backing reads are `read`'s.
     public func readIfCached(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        let reader = metadata?.readers.enter()
+        defer { if let reader { metadata?.readers.leave(reader) } }
         var backingChecked = false
         var done = 0
         while done < buffer.count {

@@ -14,6 +14,8 @@ final class Qcow2Metadata: @unchecked Sendable {
     let refcounts: Qcow2Refcounts
     /// Held by every change to the metadata, and by the flush.
     let mutex = AsyncMutex()
+    /// Reads of this image's host clusters in flight; frees wait for those that looked up the old entries.
+    let readers = GracePeriod()
     private(set) var l1Offset: Int64
     private var l1Dirty = false
     /// Guest clusters an allocating write is changing: others touching them wait, then look again.
@@ -191,8 +193,10 @@ final class Qcow2Metadata: @unchecked Sendable {
             l1Dirty = false
         }
         try await file.flush()
-        // Nothing on disk names the freed clusters any more: their refcounts may drop, and the host may have the
-        // space back. The lower refcounts reach the disk with the next flush; a crash before then only leaks.
+        // Nothing on disk names the freed clusters any more, and once the reads that found them in memory are done
+        // nothing will read them: their refcounts may drop, and the host may have the space back. The lower
+        // refcounts reach the disk with the next flush; a crash before then only leaks.
+        if refcounts.hasPendingFrees { await readers.waitForEarlierReaders() }
         let released = try await refcounts.releasePendingFrees()
         try await punch(released)
     }

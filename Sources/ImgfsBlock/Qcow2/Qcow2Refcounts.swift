@@ -197,6 +197,8 @@ final class Qcow2Refcounts: @unchecked Sendable {
         for cluster in (offset >> clusterBits)...((offset + bytes - 1) >> clusterBits) { pendingFrees.append(cluster) }
     }
 
+    var hasPendingFrees: Bool { !pendingFrees.isEmpty }
+
     /// Applies the deferred frees; returns the clusters no longer referenced at all.
     ///
     /// A refcount already 0 is left alone: the image was inconsistent before (a check counts it), and going below
