@@ -130,6 +130,44 @@ extension ImageWritingSuites {
         }
     }
 
+    /// Small writes into clusters appended at the end of the file: only the guest's bytes are written (the file is
+    /// extended ahead, with a hole), the rest of each cluster reads as zeros at once and after reopening, and a
+    /// close gives the extension back, leaving the file where QEMU's check says the image ends.
+    @Test func smallWritesIntoAppendedClusters() async throws {
+        let scratch = try QemuScratch()
+        let size = 8 << 20
+        try scratch.qemuImg("create", "-q", "-f", "qcow2", scratch.path("a.qcow2"), "\(size)")
+        var model = DiskModel(bytes: [UInt8](repeating: 0, count: size))
+        let node = try await openImage(scratch.path("a.qcow2"), readOnly: false)
+        // The last cluster first, so later ones land below the end the file first reached.
+        for (i, offset) in [size - 4096, 1 << 20, (5 << 20) + 12345, 3 << 20].enumerated() {
+            let data = randomBytes(4096, seed: UInt64(i) + 40)
+            try await write(node, at: Int64(offset), data)
+            model.write(data, at: offset)
+            let cluster = offset & ~0xffff
+            #expect(try await readNode(node, at: Int64(cluster), count: 65536) == Array(model.bytes[cluster..<(cluster + 65536)]))
+        }
+        try await node.flush()
+        #expect(try await readAll(node, chunk: 1 << 20) == model.bytes)
+        try await node.close()
+        try scratch.expectCleanCheck("a.qcow2")
+        try scratch.expectContents("a.qcow2", equal: model)
+        let check = try runTool("qemu-img", ["check", "--output=json", scratch.path("a.qcow2")])
+        let report = try JSONSerialization.jsonObject(with: Data(check.stdout.utf8)) as? [String: Any]
+        let end = try #require(report?["image-end-offset"] as? Int)
+        let fileSize = try FileManager.default.attributesOfItem(atPath: scratch.path("a.qcow2"))[.size] as? Int
+        #expect(fileSize == end, "the file keeps bytes past the image's end")
+        // Reopened: the clusters are read back from the disk, and new ones appended after them.
+        let again = try await openImage(scratch.path("a.qcow2"), readOnly: false)
+        let data = randomBytes(100, seed: 99)
+        try await write(again, at: Int64(6 << 20) + 7, data)
+        model.write(data, at: (6 << 20) + 7)
+        #expect(try await readAll(again, chunk: 1 << 20) == model.bytes)
+        try await again.close()
+        try scratch.expectCleanCheck("a.qcow2")
+        try scratch.expectContents("a.qcow2", equal: model)
+    }
+
     @Test func concurrentWritersOnSharedClusters() async throws {
         let scratch = try QemuScratch()
         let size = 2 << 20

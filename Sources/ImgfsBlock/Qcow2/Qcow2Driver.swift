@@ -351,6 +351,7 @@ public final class Qcow2Driver: BlockDriver {
             try await metadata.mutex.withLock {
                 if let bitmaps { try await bitmaps.store(metadata: metadata) }
                 try await metadata.flushAll()
+                try await metadata.trimFile()
             }
         }
         // A snapshot view gives its L1 table's share of the image's budget back, once.

@@ -25,6 +25,11 @@ final class Qcow2Metadata: @unchecked Sendable {
     private let dirtyTableLimit: Int
     /// Where guest data must never be written.
     var metadataClusters: Qcow2MetadataClusters { refcounts.metadataClusters }
+    /// The host file's size as this image found it, and as it has set it since: the file covers every cluster
+    /// allocated, and what lies past the clusters ever allocated (`layout.hostEnd` before an allocation) reads as
+    /// zeros without being written.
+    private let sizeAtOpen: Int64
+    private var fileCovers: Int64
 
     init(file: HostFile, layout: Qcow2Layout, l1: Qcow2L1Table, l1Offset: Int64, l2Cache: Qcow2L2Cache,
          refcounts: Qcow2Refcounts) {
@@ -34,6 +39,8 @@ final class Qcow2Metadata: @unchecked Sendable {
         self.l1Offset = l1Offset
         self.l2Cache = l2Cache
         self.refcounts = refcounts
+        sizeAtOpen = (try? file.size()) ?? layout.hostEnd.bytes
+        fileCovers = sizeAtOpen
         dirtyTableLimit = max(16, min(l2Cache.capacity / 2, (32 << 20) / layout.clusterSize))
         let clusters = refcounts.metadataClusters
         clusters.insert(0, bytes: Int64(layout.clusterSize))
@@ -41,6 +48,33 @@ final class Qcow2Metadata: @unchecked Sendable {
         for entry in l1.words where entry & Qcow2L2Entry.offsetMask != 0 {
             clusters.insert(Int64(entry & Qcow2L2Entry.offsetMask), bytes: Int64(layout.clusterSize))
         }
+    }
+
+    // MARK: The host file's length (mutex held)
+
+    /// Extends the host file (with a hole) to cover `end`, a step ahead so most allocations need no call. A new
+    /// cluster past every cluster ever allocated then reads as zeros, and a write into it moves only the guest's
+    /// bytes: no zeroing call per cluster, and never a cluster the file does not cover (which reads would call
+    /// corrupt).
+    func coverFile(through end: Int64) async throws {
+        guard end > fileCovers else { return }
+        let step = Int64(max(layout.clusterSize, Self.extensionStep))
+        let target = (end + step - 1) / step * step
+        let file = self.file
+        try await file.executor.perform { try file.setSize(target) }
+        fileCovers = target
+    }
+
+    /// How far ahead of the last allocated cluster the host file is extended at once.
+    private static let extensionStep = 8 << 20
+
+    /// Gives back what `coverFile` extended past the last allocated cluster; for close.
+    func trimFile() async throws {
+        let end = max(layout.hostEnd.bytes, sizeAtOpen)
+        guard fileCovers > end else { return }
+        let file = self.file
+        try await file.executor.perform { try file.setSize(end) }
+        fileCovers = end
     }
 
     // MARK: Cluster reservations (mutex held)

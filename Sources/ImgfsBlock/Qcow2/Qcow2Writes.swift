@@ -15,6 +15,8 @@ extension Qcow2Driver {
         var host: Int64
         /// Whether `host` is a new cluster still to be allocated.
         let allocates: Bool
+        /// Whether the new cluster lies past every cluster the file ever held, so it reads as zeros already.
+        var isFresh = false
         /// Bytes of the cluster written: the guest's data plus the copy-on-write padding around it.
         let span: Range<Int>
         /// The guest's data within the cluster.
@@ -92,11 +94,14 @@ extension Qcow2Driver {
             }
             let allocations = plans.filter(\.allocates).count
             if allocations > 0 {
+                let freshFrom = layout.hostEnd.bytes
                 var next = try await metadata.refcounts.allocate(clusters: allocations)
                 for i in plans.indices where plans[i].allocates {
                     plans[i].host = next
+                    plans[i].isFresh = next >= freshFrom
                     next += Int64(layout.clusterSize)
                 }
+                try await metadata.coverFile(through: layout.hostEnd.bytes)
             }
             metadata.markBusy(first...last)
         } catch {
@@ -197,8 +202,8 @@ extension Qcow2Driver {
     /// neighbours that follow each other on the host merged into one vectored write.
     ///
     /// A new cluster whose padding is all zeros is zeroed by the host instead (fallocate ZERO_RANGE, as QEMU's
-    /// handle_alloc_space does) and only the guest's data is written: a 4 KiB write into a fresh 64 KiB cluster
-    /// then moves 4 KiB, not 64.
+    /// handle_alloc_space does), or not at all when it lies past every cluster the file ever held, and only the
+    /// guest's data is written: a 4 KiB write into a fresh 64 KiB cluster then moves 4 KiB, not 64.
     private func writeClusters(_ plans: [ClusterWrite], from buffer: UnsafeRawBufferPointer) async throws {
         var padding: [UnsafeMutableRawBufferPointer] = []
         defer { for pad in padding { pad.deallocate() } }
@@ -213,7 +218,9 @@ extension Qcow2Driver {
         for plan in plans {
             let data = UnsafeRawBufferPointer(rebasing: buffer[plan.bufferOffset..<(plan.bufferOffset + plan.data.count)])
             let padded = plan.span != plan.data
-            let knownZero = padded && plan.allocates && zeroRangeWorks && padsReadAsZeros(plan)
+            // The host can give zeros: the cluster reads as zeros already, or the file system zeroes ranges.
+            let hostZeroes = plan.allocates && (plan.isFresh || zeroRangeWorks)
+            let knownZero = padded && hostZeroes && padsReadAsZeros(plan)
             var head: UnsafeRawBufferPointer?
             var tail: UnsafeRawBufferPointer?
             if !knownZero && plan.span.lowerBound < plan.data.lowerBound {
@@ -224,9 +231,8 @@ extension Qcow2Driver {
             }
             var pieces: [UnsafeRawBufferPointer]
             var start: Int64
-            if knownZero || (plan.allocates && padded && zeroRangeWorks
-                             && head.map(Self.isZero) ?? true && tail.map(Self.isZero) ?? true) {
-                zeroed.append((plan.host + Int64(plan.span.lowerBound), Int64(plan.span.count)))
+            if knownZero || (padded && hostZeroes && head.map(Self.isZero) ?? true && tail.map(Self.isZero) ?? true) {
+                if !plan.isFresh { zeroed.append((plan.host + Int64(plan.span.lowerBound), Int64(plan.span.count))) }
                 pieces = [data]
                 start = plan.host + Int64(plan.data.lowerBound)
             } else {
