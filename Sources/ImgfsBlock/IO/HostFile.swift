@@ -18,6 +18,7 @@ public final class HostFile: Sendable {
     /// Set once RWF_NOWAIT turns out unsupported here (an old kernel or an odd file system), so a caller's fast
     /// path costs no failing system call per request from then on.
     private let noWaitUnsupported = Atomic<Bool>(false)
+    private let writeBehind = Locked(WriteBehind())
 
     /// The (device, inode) pair, used to detect a backing chain that names a file twice.
     public struct Identity: Hashable, Sendable {
@@ -192,6 +193,7 @@ public final class HostFile: Sendable {
             }
             done += n
         }
+        noteWritten(at: offset, count: buffer.count)
     }
 
     public func syncData() throws {
@@ -306,6 +308,7 @@ public final class HostFile: Sendable {
             if n == 0 { throw BlockError.system(errno: EIO, operation: "write", path: path) }
             done += n
         }
+        noteWritten(at: offset, count: buffer.count)
     }
 
     /// Writes all of `buffers`, in order, as one contiguous range from `offset` (pwritev): copy-on-write padding
@@ -322,6 +325,20 @@ public final class HostFile: Sendable {
             if n == 0 { throw BlockError.system(errno: EIO, operation: "write", path: path) }
             position += Int64(n)
             rest = Self.advance(rest, by: n)
+        }
+        noteWritten(at: offset, count: Int(position - offset))
+    }
+
+    /// Starts write-back behind large writes that move forward through the file (see `WriteBehind`).
+    private func noteWritten(at offset: Int64, count: Int) {
+        guard count >= WriteBehind.largeWriteBytes,
+              let range = writeBehind.withLock({ $0.note(offset: offset, count: count) }) else { return }
+        // The task holds the file, so its descriptor stays open until the call returns.
+        Task {
+            _ = try? await executor.perform {
+                linuxStartWriteback(self.descriptor, offset: range.lowerBound, length: range.upperBound - range.lowerBound)
+            }
+            writeBehind.withLock { $0.finished() }
         }
     }
 

@@ -12,6 +12,9 @@ private func libcFallocate(_ fd: Int32, _ mode: Int32, _ offset: Int64, _ length
 private func libcPreadv2(_ fd: Int32, _ iov: UnsafePointer<iovec>, _ iovcnt: Int32, _ offset: Int64, _ flags: Int32)
     -> Int
 
+@_silgen_name("sync_file_range")
+private func libcSyncFileRange(_ fd: Int32, _ offset: Int64, _ nbytes: Int64, _ flags: UInt32) -> Int32
+
 @_silgen_name("dup3")
 private func libcDup3(_ oldfd: Int32, _ newfd: Int32, _ flags: Int32) -> Int32
 
@@ -40,6 +43,12 @@ enum LinuxOpenFlags {
 enum LinuxReadFlags {
     /// Fail with EAGAIN rather than wait for I/O (data not in the page cache, a lock held).
     static let noWait: Int32 = 0x08
+}
+
+/// sync_file_range(2) with SYNC_FILE_RANGE_WRITE: starts write-out of the range's dirty pages not already being
+/// written, without waiting for it (it may wait for room in the device's queue).
+func linuxStartWriteback(_ fd: Int32, offset: Int64, length: Int64) -> Int32 {
+    libcSyncFileRange(fd, offset, length, 2)
 }
 
 /// fallocate(2).
