@@ -126,9 +126,10 @@ public final class FuseServer: @unchecked Sendable {
     ///
     /// At queue depth 1 the request waits for the disk whatever happens, and the thread switches to an I/O thread
     /// and back cost as much as the read itself (cold 4 KiB reads ran at 0.65-0.8x qemu-storage-daemon's rate
-    /// that way). Under load the async path wins, and one blocked loop thread still leaves another reading.
+    /// that way). Under load the async path wins, and one blocked loop thread still leaves another reading; with
+    /// a single loop thread nothing would, so it never serves inline (at QD32 it fell to the rate of QD1).
     func beginInlineIfIdle(_ request: FuseRequest, _ work: @escaping @Sendable () async throws -> Void) {
-        if inFlight.load(ordering: .relaxed) == 0,
+        if configuration.fuseThreads > 1, inFlight.load(ordering: .relaxed) == 0,
            inlineBusy.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
             runOnLoopThread(request, work)
             inlineBusy.store(false, ordering: .releasing)

@@ -132,8 +132,10 @@ struct ConcurrencyTests {
         #expect(!isMounted(mnt))
     }
 
-    @Test("with more slow disk reads in flight than I/O threads, other reads still complete promptly")
-    func slowDiskDoesNotHoldThreads() async throws {
+    /// Also with one FUSE loop thread: it must never be the one waiting for the disk.
+    @Test("with more slow disk reads in flight than I/O threads, other reads still complete promptly",
+          arguments: [2, 1])
+    func slowDiskDoesNotHoldThreads(fuseThreads: Int) async throws {
         // The "disk" is a file served by this process whose first 32 MiB answer after 3 s; the daemon under test
         // mounts it as a raw image with two I/O threads, and really blocks in the kernel on those reads.
         var template = Array("/tmp/imgfs-mt-disk-XXXXXX".utf8CString)
@@ -158,7 +160,7 @@ struct ConcurrencyTests {
             try? FileManager.default.removeItem(atPath: directory)
         }
         try runTool(binary, ["mount", "--read-only", "--format", "raw", "--io-threads", "2", "--io-engine", "uring",
-                             disk + "/slow.raw", mnt])
+                             "--fuse-threads", "\(fuseThreads)", disk + "/slow.raw", mnt])
         let file = mnt + "/slow.raw"
         let outcome = try await onThread { () -> (fast: Double, inFlight: Int, fastOK: Bool, slowOK: Bool) in
             let slowOK = Shared(true)
