@@ -39,8 +39,13 @@ import Testing
         while budget.waiting < 2 { await Task.yield() }
         // 100 bytes would fit, but the earlier, larger request is not overtaken.
         #expect(order.withLock { $0 }.isEmpty)
-        budget.release(800)
+        // Room for the first only: it goes, the second still waits behind it. (Released together, both would go
+        // at once and their tasks could record themselves in either order.)
+        budget.release(400)
         await first.value
+        #expect(order.withLock { $0 } == [1])
+        #expect(budget.waiting == 1)
+        budget.release(400)
         await second.value
         #expect(order.withLock { $0 } == [1, 2])
         #expect(budget.used == 700 && budget.peak <= 1_000)
