@@ -197,7 +197,7 @@ struct ConcurrencyTests {
         #expect(outcome.inFlight >= 6, "only \(outcome.inFlight) slow reads were in flight")
         #expect(outcome.fastOK && outcome.slowOK)
         #expect(outcome.fast < 1.5, "20 reads took \(outcome.fast) s behind \(outcome.inFlight) stuck ones")
-        let unmount = try runTool(binary, ["unmount", mnt], check: false)
+        let unmount = try unmountRetryingBusy(binary, mnt)
         #expect(unmount.status == 0, "\(unmount.stderr)")
         _ = umount2(disk, Int32(MNT_DETACH))
         try await runner.value

@@ -106,16 +106,9 @@ final class Scratch {
         }
     }
 
-    /// `imgfs unmount MOUNTPOINT`, which waits for the daemon to exit. A mount can stay busy for a moment after
-    /// its last file is closed (the kernel drops its references asynchronously, a system-wide sync holds it), so
-    /// a busy refusal is retried for a few seconds before it fails the test.
+    /// `imgfs unmount MOUNTPOINT`, which waits for the daemon to exit (see `unmountRetryingBusy`).
     func unmount(_ mountpoint: String) throws {
-        var result = try imgfs(["unmount", mountpoint], check: false)
-        let deadline = Date().addingTimeInterval(5)
-        while result.status != 0 && result.stderr.contains("busy") && Date() < deadline {
-            usleep(100_000)
-            result = try imgfs(["unmount", mountpoint], check: false)
-        }
+        let result = try unmountRetryingBusy(binary, mountpoint)
         if result.status != 0 {
             throw TestFailure("imgfs unmount \(mountpoint) exited \(result.status): \(result.stderr)")
         }
@@ -267,4 +260,17 @@ final class Shared<T: Sendable>: Sendable {
     }
     func set(_ value: T) { mutex.withLock { $0 = value } }
     func update<R>(_ body: (inout T) -> R) -> R { mutex.withLock { body(&$0) } }
+}
+
+/// `imgfs unmount MOUNTPOINT` with the `binary` given. A mount can stay busy for a moment after its last file is
+/// closed (the kernel drops its references asynchronously, a system-wide sync holds it), so a busy refusal is
+/// retried for a few seconds before the result is returned.
+func unmountRetryingBusy(_ binary: String, _ mountpoint: String) throws -> ToolResult {
+    var result = try runTool(binary, ["unmount", mountpoint], check: false)
+    let deadline = Date().addingTimeInterval(5)
+    while result.status != 0 && result.stderr.contains("busy") && Date() < deadline {
+        usleep(100_000)
+        result = try runTool(binary, ["unmount", mountpoint], check: false)
+    }
+    return result
 }
