@@ -70,9 +70,7 @@ extension ImageWritingSuites {
                             scratch.path("p.raw"), scratch.path("c.qcow2"))
 
         let engine = HoldingEngine(inner: SharedIOEngine.engine)
-        let file = try HostFile.open(scratch.path("c.qcow2"), readOnly: false, engine: engine)
-        let driver = try await Qcow2Driver.open(DriverOpenContext(file: file, readOnly: false,
-                                                                  options: OpenOptions(pathPolicy: try PathPolicy())))
+        let driver = try await openQcow2DriverReadWrite(scratch.path("c.qcow2"), engine: engine)
         // Loads the L2 table (through cluster 1), so the held read is cluster 0's compressed data itself.
         _ = try await read(driver, at: Int64(clusterSize), count: clusterSize)
         engine.holdNextRead()

@@ -67,8 +67,8 @@ func openImage(_ path: String, readOnly: Bool = true) async throws -> BlockNode 
 
 /// Opens the qcow2 driver itself read-write, below the opener (which keeps qcow2 read-only until writing lands),
 /// to test what the driver does on a read-write open.
-func openQcow2DriverReadWrite(_ path: String) async throws -> Qcow2Driver {
-    let file = try HostFile.open(path, readOnly: false)
+func openQcow2DriverReadWrite(_ path: String, engine: any IOEngine = SharedIOEngine.engine) async throws -> Qcow2Driver {
+    let file = try HostFile.open(path, readOnly: false, engine: engine)
     return try await Qcow2Driver.open(DriverOpenContext(file: file, readOnly: false,
                                                         options: OpenOptions(pathPolicy: try PathPolicy())))
 }

@@ -331,6 +331,7 @@ public final class HostFile: Sendable {
 
     /// Starts write-back behind large writes that move forward through the file (see `WriteBehind`).
     private func noteWritten(at offset: Int64, count: Int) {
+        // The size test first, so small writes (most of them) never take the lock; `note` applies the same rule.
         guard count >= WriteBehind.largeWriteBytes,
               let range = writeBehind.withLock({ $0.note(offset: offset, count: count) }) else { return }
         // The task holds the file, so its descriptor stays open until the call returns.

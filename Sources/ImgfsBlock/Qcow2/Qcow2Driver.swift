@@ -216,6 +216,8 @@ public final class Qcow2Driver: BlockDriver {
     /// Serves the range only where the L2 tables are cached and every run is plain data already in the page cache,
     /// zeros, or unallocated with no backing file; compressed clusters and backing reads are `read`'s.
     public func readIfCached(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        // Plain data can be freed under a read too: a write drops a reference to a cluster it finds without the
+        // COPIED flag, and on a damaged image that may be the last one.
         let reader = metadata?.readers.enter()
         defer { if let reader { metadata?.readers.leave(reader) } }
         var backingChecked = false

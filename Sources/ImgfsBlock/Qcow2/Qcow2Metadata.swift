@@ -28,7 +28,6 @@ final class Qcow2Metadata: @unchecked Sendable {
     /// The host file's size as this image found it, and as it has set it since: the file covers every cluster
     /// allocated, and what lies past the clusters ever allocated (`layout.hostEnd` before an allocation) reads as
     /// zeros without being written.
-    private let sizeAtOpen: Int64
     private var fileCovers: Int64
 
     init(file: HostFile, layout: Qcow2Layout, l1: Qcow2L1Table, l1Offset: Int64, l2Cache: Qcow2L2Cache,
@@ -39,8 +38,7 @@ final class Qcow2Metadata: @unchecked Sendable {
         self.l1Offset = l1Offset
         self.l2Cache = l2Cache
         self.refcounts = refcounts
-        sizeAtOpen = (try? file.size()) ?? layout.hostEnd.bytes
-        fileCovers = sizeAtOpen
+        fileCovers = (try? file.size()) ?? layout.hostEnd.bytes
         dirtyTableLimit = max(16, min(l2Cache.capacity / 2, (32 << 20) / layout.clusterSize))
         let clusters = refcounts.metadataClusters
         clusters.insert(0, bytes: Int64(layout.clusterSize))
@@ -59,22 +57,24 @@ final class Qcow2Metadata: @unchecked Sendable {
     func coverFile(through end: Int64) async throws {
         guard end > fileCovers else { return }
         let step = Int64(max(layout.clusterSize, Self.extensionStep))
-        let target = (end + step - 1) / step * step
-        let file = self.file
-        try await file.executor.perform { try file.setSize(target) }
-        fileCovers = target
+        try await setFileSize((end + step - 1) / step * step)
     }
 
     /// How far ahead of the last allocated cluster the host file is extended at once.
     private static let extensionStep = 8 << 20
 
-    /// Gives back what `coverFile` extended past the last allocated cluster; for close.
+    /// Gives back what `coverFile` extended past the last allocated cluster; for close. (`hostEnd` starts at the
+    /// file's size at open and only grows, so nothing the image had is cut.)
     func trimFile() async throws {
-        let end = max(layout.hostEnd.bytes, sizeAtOpen)
+        let end = layout.hostEnd.bytes
         guard fileCovers > end else { return }
+        try await setFileSize(end)
+    }
+
+    private func setFileSize(_ size: Int64) async throws {
         let file = self.file
-        try await file.executor.perform { try file.setSize(end) }
-        fileCovers = end
+        try await file.executor.perform { try file.setSize(size) }
+        fileCovers = size
     }
 
     // MARK: Cluster reservations (mutex held)
