@@ -8,7 +8,8 @@ import Glibc
 /// host I/O completes, so every request would wait behind someone else's decompression.
 public enum ComputePool {
     /// One thread per core: decompression cannot go faster than the cores.
-    public static let executor = IOExecutor(threads: max(2, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
+    public static let executor = IOExecutor(threads: max(2, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))),
+                                                name: "imgfs-compute")
 
     /// Runs `body` on a compute thread and returns its result.
     public static func run<T>(_ body: @escaping () throws -> T) async throws -> T {

@@ -70,8 +70,12 @@ public final class IOExecutor: TaskExecutor, @unchecked Sendable {
     private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     public let threadCount: Int
 
-    public init(threads: Int) {
+    /// What the threads are called in /proc.
+    private let threadName: String
+
+    public init(threads: Int, name: String = "imgfs-io") {
         threadCount = max(1, threads)
+        threadName = name
         pthread_mutex_init(mutex, nil)
         pthread_cond_init(condition, nil)
         queue.reserveCapacity(256)
@@ -130,6 +134,7 @@ public final class IOExecutor: TaskExecutor, @unchecked Sendable {
     }
 
     private func workerLoop() {
+        nameCurrentThread(threadName)
         pthread_setspecific(Self.threadKey, Unmanaged.passUnretained(self).toOpaque())
         let me = asUnownedTaskExecutor()
         while true {

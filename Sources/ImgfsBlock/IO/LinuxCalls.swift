@@ -15,8 +15,16 @@ private func libcPreadv2(_ fd: Int32, _ iov: UnsafePointer<iovec>, _ iovcnt: Int
 @_silgen_name("sync_file_range")
 private func libcSyncFileRange(_ fd: Int32, _ offset: Int64, _ nbytes: Int64, _ flags: UInt32) -> Int32
 
+@_silgen_name("pthread_setname_np")
+private func libcPthreadSetname(_ thread: pthread_t, _ name: UnsafePointer<CChar>) -> Int32
+
 @_silgen_name("dup3")
 private func libcDup3(_ oldfd: Int32, _ newfd: Int32, _ flags: Int32) -> Int32
+
+/// Names the calling thread in /proc (15 bytes kept), so a profile can tell the daemon's threads apart.
+func nameCurrentThread(_ name: String) {
+    _ = libcPthreadSetname(pthread_self(), String(decoding: name.utf8.prefix(15), as: UTF8.self))
+}
 
 /// dup3(2): makes `newfd` refer to `oldfd`'s open file description, atomically.
 func linuxDup3(_ oldfd: Int32, _ newfd: Int32, flags: Int32) -> Int32 {

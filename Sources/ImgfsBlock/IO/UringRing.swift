@@ -172,6 +172,7 @@ final class UringRing: TaskExecutor, @unchecked Sendable {
     }
 
     private func completionLoop() {
+        nameCurrentThread("imgfs-uring")
         let capacity = 128
         let cqes = UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>.allocate(capacity: capacity)
         defer { cqes.deallocate() }
