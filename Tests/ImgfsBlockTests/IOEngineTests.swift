@@ -236,6 +236,25 @@ import ImgfsTestSupport
         #expect(engine.inFlight == 0)
     }
 
+    /// The daemon's own threads carry names, so `tools/cold-profile` and `top -H` can tell them apart.
+    @Test func engineThreadsAreNamed() async throws {
+        func currentThreadName() -> String {
+            let fd = open("/proc/thread-self/comm", O_RDONLY)
+            guard fd >= 0 else { return "" }
+            defer { close(fd) }
+            var bytes = [UInt8](repeating: 0, count: 32)
+            let n = read(fd, &bytes, bytes.count)
+            return String(decoding: bytes.prefix(max(0, n)), as: UTF8.self).trimmingCharacters(in: .newlines)
+        }
+        // Linux keeps 15 bytes of a name: the rest is cut, not refused.
+        let executor = IOExecutor(threads: 1, name: "imgfs-test-threads")
+        #expect(try await executor.perform { currentThreadName() } == "imgfs-test-thre")
+        let engine = try UringIOEngine()
+        let onCompletionThread = try #require(engine.taskExecutor)
+        let name = await Task(executorPreference: onCompletionThread) { currentThreadName() }.value
+        #expect(name == "imgfs-uring")
+    }
+
     @Test func sharedEngineFollowsTheEnvironment() throws {
         let kind = SharedIOEngine.kind
         if let requested = SharedIOEngine.requestedKind() {
