@@ -334,12 +334,11 @@ public final class HostFile: Sendable {
         // The size test first, so small writes (most of them) never take the lock; `note` applies the same rule.
         guard count >= WriteBehind.largeWriteBytes,
               let range = writeBehind.withLock({ $0.note(offset: offset, count: count) }) else { return }
-        // The task holds the file, so its descriptor stays open until the call returns.
-        Task {
-            _ = try? await executor.perform {
-                linuxStartWriteback(self.descriptor, offset: range.lowerBound, length: range.upperBound - range.lowerBound)
-            }
-            writeBehind.withLock { $0.finished() }
+        // Queued on an I/O thread, which the writer does not wait for; the closure holds the file, so its
+        // descriptor stays open until the call returns.
+        executor.execute {
+            _ = linuxStartWriteback(self.descriptor, offset: range.lowerBound, length: range.upperBound - range.lowerBound)
+            self.writeBehind.withLock { $0.finished() }
         }
     }
 
