@@ -19,7 +19,7 @@ public final class FuseServer: @unchecked Sendable {
     let executor: any TaskExecutor
     let logger: Logger
     let buffers: BufferPool
-    private let inFlight = Atomic<Int>(0)
+    let inFlight = Atomic<Int>(0)
     /// Whether a loop thread is serving a request itself right now; at most one does, so another keeps reading
     /// /dev/fuse.
     private let inlineBusy = Atomic<Bool>(false)
@@ -122,20 +122,20 @@ public final class FuseServer: @unchecked Sendable {
         }
     }
 
-    /// Serves `work` on this loop thread when nothing else is in flight, else as `beginAsync` does.
+    /// Serves `work` on this loop thread when nothing else is in flight, and returns whether it did.
     ///
     /// At queue depth 1 the request waits for the disk whatever happens, and the thread switches to an I/O thread
     /// and back cost as much as the read itself (cold 4 KiB reads ran at 0.65-0.8x qemu-storage-daemon's rate
     /// that way). Under load the async path wins, and one blocked loop thread still leaves another reading; with
     /// a single loop thread nothing would, so it never serves inline (at QD32 it fell to the rate of QD1).
-    func beginInlineIfIdle(_ request: FuseRequest, _ work: @escaping @Sendable () async throws -> Void) {
-        if configuration.fuseThreads > 1, inFlight.load(ordering: .relaxed) == 0,
-           inlineBusy.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged {
-            runOnLoopThread(request, work)
-            inlineBusy.store(false, ordering: .releasing)
-            return
+    func serveInlineIfIdle(_ request: FuseRequest, _ work: @escaping @Sendable () async throws -> Void) -> Bool {
+        guard configuration.fuseThreads > 1, inFlight.load(ordering: .relaxed) == 0,
+              inlineBusy.compareExchange(expected: false, desired: true, ordering: .acquiring).exchanged else {
+            return false
         }
-        beginAsync(request, work)
+        runOnLoopThread(request, work)
+        inlineBusy.store(false, ordering: .releasing)
+        return true
     }
 
     /// Does the work on the calling loop thread and returns once it has answered.

@@ -128,6 +128,22 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
         #expect(try await readNode(node, at: 4 << 20, count: 4096) == [UInt8](repeating: 0x62, count: 4096))
     }
 
+    @Test func aDirectReadOfAClusterPastTheEndNeverSucceeds() async throws {
+        let scratch = try QemuScratch()
+        try makeImage(scratch)
+        let entry = try l2EntryOffset(scratch, "c.qcow2", cluster: 0)
+        try scratch.patch("c.qcow2", at: entry, bigEndianBytes(UInt64(1) << 63 | UInt64(1) << 40))
+        let node = try await openImage(scratch.path("c.qcow2"))
+        // Loads the L2 table, so the lookup is answered from the cache.
+        #expect(try await readNode(node, at: 65536, count: 4096) == [UInt8](repeating: 0x61, count: 4096))
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { buffer.deallocate() }
+        // Declined, or started and found short: either way the async read is the one to report it.
+        #expect(await startDirectRead(node, at: 0, into: buffer) != true)
+        await #expect(throws: BlockError.self) { _ = try await readNode(node, at: 0, count: 4096) }
+        #expect(node.requests.inFlightCount == 0)
+    }
+
     @Test func misalignedL2EntryIsCorrupt() async throws {
         let scratch = try QemuScratch()
         try makeImage(scratch)

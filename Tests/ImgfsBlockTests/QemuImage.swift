@@ -107,3 +107,15 @@ func write(_ node: BlockNode, at offset: Int64, _ bytes: [UInt8], flags: BlockRe
     buffer.copyBytes(from: bytes)
     try await node.write(at: offset, from: UnsafeRawBufferPointer(buffer), flags: flags)
 }
+
+/// Runs `BlockNode.startRead`: nil when it declines, else whether it read every byte.
+func startDirectRead(_ node: BlockNode, at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async -> Bool? {
+    let target = UncheckedSendable(buffer)
+    return await withCheckedContinuation { (continuation: CheckedContinuation<Bool?, Never>) in
+        let started = node.startRead(at: offset, into: target.value) { complete in continuation.resume(returning: complete) }
+        if !started { continuation.resume(returning: nil) }
+    }
+}
+
+/// Whether the shared engine can start reads with no task (`IOEngine.startRead`): io_uring can, threads cannot.
+var engineStartsDirectReads: Bool { SharedIOEngine.kind == .uring }

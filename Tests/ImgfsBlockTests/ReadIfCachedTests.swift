@@ -168,6 +168,92 @@ private func withPoisonedBuffer<T>(_ count: Int, _ body: (UnsafeMutableRawBuffer
         }
     }
 
+    @Test func rawDirectReadsGoStraightToTheEngine() async throws {
+        let scratch = try QemuScratch()
+        let bytes = patterned(1 << 20, seed: 5)
+        _ = FileManager.default.createFile(atPath: scratch.path("a.raw"), contents: Data(bytes))
+        let node = try await openImage(scratch.path("a.raw"))
+        for (offset, count) in [(0, 4096), (4095, 2), (333_333, 200_001), ((1 << 20) - 4096, 4096)] {
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 4096)
+            defer { buffer.deallocate() }
+            buffer.initializeMemory(as: UInt8.self, repeating: 0xEE)
+            let outcome = await startDirectRead(node, at: Int64(offset), into: buffer)
+            if engineStartsDirectReads {
+                #expect(outcome == true, "\(count)@\(offset)")
+                #expect(Array(buffer) == Array(bytes[offset..<(offset + count)]), "\(count)@\(offset)")
+            } else {
+                #expect(outcome == nil, "the threads engine started a direct read")
+            }
+        }
+        // Past the end of the disk it is the async path's job (a short read), as is an empty range.
+        withPoisonedBuffer(8192) { buffer in
+            #expect(!node.startRead(at: (1 << 20) - 4096, into: buffer) { _ in Issue.record("started past the end") })
+        }
+        #expect(node.requests.inFlightCount == 0)
+    }
+
+    @Test(arguments: [false, true])
+    func qcow2DirectReadsStartOnlyForPlainDataWithTheL2Cached(backing: Bool) async throws {
+        let scratch = try QemuScratch()
+        let name = try mixedImage(scratch, backing: backing)
+        let expected = try scratch.rawContents(name)
+        let node = try await openImage(scratch.path(name))
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+        defer { buffer.deallocate() }
+        #expect(await startDirectRead(node, at: 0, into: UnsafeMutableRawBufferPointer(rebasing: buffer[..<4096])) == nil,
+                "started before the L2 table was loaded")
+        #expect(try await readAll(node) == expected)
+        var accepted = 0
+        for chunk in [4096, 65_536, 100_003] {
+            var offset = 0
+            while offset < expected.count {
+                let count = min(chunk, expected.count - offset)
+                let status = try await node.chainBlockStatus(at: Int64(offset), length: Int64(count))
+                let plainData = status.length >= Int64(count) && status.kind == .data && status.hostOffset != nil
+                    && status.depth == 0
+                let target = UnsafeMutableRawBufferPointer(rebasing: buffer[..<count])
+                target.initializeMemory(as: UInt8.self, repeating: 0xEE)
+                let outcome = await startDirectRead(node, at: Int64(offset), into: target)
+                if let outcome {
+                    accepted += 1
+                    #expect(outcome, "\(count)@\(offset) came back short")
+                    #expect(plainData, "started \(count)@\(offset), \(status.kind) at depth \(status.depth)")
+                    #expect(Array(target) == Array(expected[offset..<(offset + count)]), "\(count)@\(offset)")
+                }
+                offset += count
+            }
+        }
+        #expect(engineStartsDirectReads ? accepted > 0 : accepted == 0)
+        #expect(node.requests.inFlightCount == 0)
+    }
+
+    @Test func aDirectReadWaitsForNoConflictAndHoldsItsRangeUntilDone() async throws {
+        let scratch = try QemuScratch()
+        _ = FileManager.default.createFile(atPath: scratch.path("a.raw"), contents: Data(patterned(1 << 20)))
+        let node = try await openImage(scratch.path("a.raw"))
+        let write = await node.requests.begin(offset: 0, length: 4096, kind: .write, serialising: true)
+        withPoisonedBuffer(4096) { buffer in
+            #expect(!node.startRead(at: 0, into: buffer) { _ in Issue.record("started under a serialising write") })
+        }
+        node.requests.end(write)
+        guard engineStartsDirectReads else { return }
+        // In flight, the read is a tracked request: a serialising request over it waits for its completion.
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { buffer.deallocate() }
+        let trackedWhileReading = Locked<Int?>(nil)
+        let target = UncheckedSendable(buffer)
+        let outcome = await withCheckedContinuation { (continuation: CheckedContinuation<Bool?, Never>) in
+            let started = node.startRead(at: 8192, into: target.value) { complete in
+                trackedWhileReading.withLock { $0 = node.requests.inFlightCount }
+                continuation.resume(returning: complete)
+            }
+            if !started { continuation.resume(returning: nil) }
+        }
+        #expect(outcome == true)
+        #expect(trackedWhileReading.withLock { $0 } == 1, "the read was not tracked until its completion")
+        #expect(node.requests.inFlightCount == 0)
+    }
+
     @Test func aNodeDeclinesWhileAConflictingRequestIsInFlight() async throws {
         let scratch = try QemuScratch()
         _ = FileManager.default.createFile(atPath: scratch.path("a.raw"), contents: Data(patterned(1 << 20)))

@@ -23,6 +23,9 @@ public protocol BlockDriver: AnyObject, Sendable {
     /// switch, when everything it needs is already in memory; returns false, leaving the buffer undefined, when
     /// `read` must do it. Errors are `read`'s to report: here they are a false.
     func readIfCached(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) -> Bool
+    /// Where the whole range lies as plain data in one host file, if the driver knows at once (no I/O, no wait):
+    /// the read may then go there directly. The range must stay valid until `release` of the answer.
+    func directRead(at offset: Int64, length: Int) -> DirectRead?
     /// Writes; `.fua` arrives only if the driver handles it (the node flushes after the write otherwise).
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags) async throws
     /// Makes the range read as zeros; `.mayUnmap` lets the driver free the storage behind it, `.noFallback`
@@ -59,6 +62,7 @@ extension BlockDriver {
     public var writesInPlace: Bool { false }
     public var handlesFUA: Bool { false }
     public func readIfCached(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) -> Bool { false }
+    public func directRead(at offset: Int64, length: Int) -> DirectRead? { nil }
     public func attach(_ children: BlockChildren) {}
     public func reopen(readOnly: Bool) async throws {
         if !readOnly { throw BlockError.unsupported("\(format.rawValue) images cannot be written by imgfs yet") }
@@ -127,5 +131,19 @@ public indirect enum InfoValue: Sendable, Equatable {
             return x.count == y.count && zip(x, y).allSatisfy { $0.0 == $1.0 && $0.1 == $1.1 }
         default: return false
         }
+    }
+}
+
+/// A guest range found to be one contiguous run of plain data in a host file; `release` is called once the read
+/// from there is done (a qcow2 driver keeps the clusters from being freed until then).
+public struct DirectRead: Sendable {
+    public let file: HostFile
+    public let hostOffset: Int64
+    public let release: (@Sendable () -> Void)?
+
+    public init(file: HostFile, hostOffset: Int64, release: (@Sendable () -> Void)? = nil) {
+        self.file = file
+        self.hostOffset = hostOffset
+        self.release = release
     }
 }

@@ -79,6 +79,33 @@ public final class BlockNode: Sendable {
         return buffer.isEmpty || driver.readIfCached(at: offset, into: buffer)
     }
 
+    /// Starts a read that needs no task: when nothing conflicts in flight and the driver knows at once where the
+    /// whole range lies in a host file (`BlockDriver.directRead`), the host read goes straight to the engine and
+    /// `completion` runs on the engine's thread with whether it read every byte. Returns false, having started
+    /// nothing, when `read`/`readUpTo` must serve it; a false completion asks the same (errors are theirs to report).
+    public func startRead(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer,
+                          completion: @escaping @Sendable (Bool) -> Void) -> Bool {
+        guard offset >= 0, !buffer.isEmpty,
+              let request = requests.tryBegin(offset: offset, length: Int64(buffer.count), kind: .read) else { return false }
+        guard offset <= length, Int64(buffer.count) <= length - offset,
+              let direct = driver.directRead(at: offset, length: buffer.count) else {
+            requests.end(request)
+            return false
+        }
+        let requests = self.requests
+        let started = direct.file.startRead(into: buffer, at: direct.hostOffset) { complete in
+            // Still registered while the caller uses the bytes, as in `readUpTo`'s body.
+            completion(complete)
+            direct.release?()
+            requests.end(request)
+        }
+        if !started {
+            direct.release?()
+            requests.end(request)
+        }
+        return started
+    }
+
     /// Reads any range: bytes past the end of this disk read as zeros. Drivers call this on their backing node.
     public func readZeroPadded(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         let count = try await readUpTo(at: offset, into: buffer)

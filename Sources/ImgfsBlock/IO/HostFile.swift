@@ -152,6 +152,21 @@ public final class HostFile: Sendable {
         return done
     }
 
+    /// Starts reading the whole buffer through the engine with no task, and calls `completion` on the engine's
+    /// thread with whether every byte came; false when the engine cannot (then nothing was started). A short or
+    /// failed read is for `read` to do again and report: here it is only a false.
+    /// Misses go around the page cache where `read` would send them (`HostReadPolicy`); a refusal of that
+    /// alignment comes back false, and `read` then learns it.
+    public func startRead(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64,
+                          completion: @escaping @Sendable (Bool) -> Void) -> Bool {
+        var fd = descriptor
+        if HostReadPolicy.directMisses, HostReadPolicy.isDirectAligned(buffer, offset), let direct = directDescriptor() {
+            fd = direct
+        }
+        let wanted = buffer.count
+        return engine.startRead(fd: fd, into: buffer, at: offset) { result in completion(Int(result) == wanted) }
+    }
+
     /// Reads exactly `buffer.count` bytes; a short read means the image claims data the file does not hold.
     public func preadExactly(_ buffer: UnsafeMutableRawBufferPointer, at offset: Int64) throws {
         let n = try preadSome(buffer, at: offset)

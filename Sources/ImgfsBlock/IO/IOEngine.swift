@@ -30,10 +30,17 @@ public protocol IOEngine: Sendable {
     /// Where tasks doing I/O through this engine resume cheapest, if the engine has such a place (io_uring's
     /// completion thread); nil means the I/O threads.
     var taskExecutor: (any TaskExecutor)? { get }
+    /// Starts one read and calls `completion` with its result (a count, or minus errno) on the engine's own
+    /// thread, with no task; false when the engine has no such thread (the caller then uses `read`).
+    func startRead(fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: Int64,
+                   completion: @escaping @Sendable (Int32) -> Void) -> Bool
 }
 
 extension IOEngine {
     public var taskExecutor: (any TaskExecutor)? { nil }
+
+    public func startRead(fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: Int64,
+                          completion: @escaping @Sendable (Int32) -> Void) -> Bool { false }
 
     /// iovecs for the vectored calls; the caller keeps the buffers alive until the call returns.
     static func iovecs(_ buffers: [UnsafeMutableRawBufferPointer]) -> [iovec] {

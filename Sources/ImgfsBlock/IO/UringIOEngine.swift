@@ -61,6 +61,13 @@ public final class UringIOEngine: IOEngine {
         _ = try await complete(.fallocate(fd: fd, mode: mode, offset: offset, length: length), "fallocate", path)
     }
 
+    public func startRead(fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: Int64,
+                          completion: @escaping @Sendable (Int32) -> Void) -> Bool {
+        ring.submit(.read(fd: fd, buffer: buffer.baseAddress, count: Self.clamp(buffer.count),
+                          offset: UInt64(bitPattern: offset)), then: completion)
+        return true
+    }
+
     /// Submits until the operation gives an answer other than "try again".
     private func complete(_ operation: UringOperation, _ name: String, _ path: String) async throws -> Int {
         var eagainRetries = 0

@@ -1,4 +1,5 @@
 import CUring
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -18,11 +19,14 @@ import Glibc
 final class UringRing: TaskExecutor, @unchecked Sendable {
     private final class Request {
         let operation: UringOperation
-        /// nil for a wake-up NOP.
+        /// The task awaiting the result; nil for a wake-up NOP or a callback.
         let continuation: UnsafeContinuation<Int32, Never>?
-        init(_ operation: UringOperation, _ continuation: UnsafeContinuation<Int32, Never>?) {
+        let callback: ((Int32) -> Void)?
+        init(_ operation: UringOperation, _ continuation: UnsafeContinuation<Int32, Never>?,
+             callback: ((Int32) -> Void)? = nil) {
             self.operation = operation
             self.continuation = continuation
+            self.callback = callback
         }
     }
 
@@ -39,6 +43,8 @@ final class UringRing: TaskExecutor, @unchecked Sendable {
     // guarded by `lock`.
     private var jobs: [UnownedJob] = []
     private var sleeping = false
+    /// The completion thread, set by itself as it starts: its own submissions wait for it to next go to sleep.
+    private let loopThread = Atomic<UInt>(0)
     // Written before the completion thread starts and after it has been joined.
     private var thread = pthread_t()
     private var threadRunning = false
@@ -101,11 +107,18 @@ final class UringRing: TaskExecutor, @unchecked Sendable {
         if wake { queue(Request(.nop, nil)) }
     }
 
+    /// Whether the caller runs on the completion thread.
+    var onCompletionThread: Bool { loopThread.load(ordering: .relaxed) == UInt(pthread_self()) }
+
     /// Adds a request to the submission queue, taking the submit duty if nobody holds it.
+    ///
+    /// The completion thread never submits here: it submits everything its jobs queued in one call before it
+    /// sleeps, and the kernel then runs each miss's completion work on that thread as it waits, not on another.
     private func queue(_ request: Request) {
+        let deferred = onCompletionThread
         lock.lock()
         queued.append(request)
-        if submitting {
+        if submitting || deferred {
             lock.unlock()
             return
         }
@@ -118,6 +131,13 @@ final class UringRing: TaskExecutor, @unchecked Sendable {
         await withUnsafeContinuation { continuation in
             queue(Request(operation, continuation))
         }
+    }
+
+    /// Runs the operation and calls `callback` with the kernel's result on the completion thread, before any task
+    /// resumed by the same batch runs. For loops that serve a device with no task per request: the callback must
+    /// not block.
+    func submit(_ operation: UringOperation, then callback: @escaping (Int32) -> Void) {
+        queue(Request(operation, nil, callback: callback))
     }
 
     /// Moves queued requests into the kernel while there is room. Called with the lock held and the submit duty
@@ -173,6 +193,7 @@ final class UringRing: TaskExecutor, @unchecked Sendable {
 
     private func completionLoop() {
         nameCurrentThread("imgfs-uring")
+        loopThread.store(UInt(pthread_self()), ordering: .relaxed)
         let capacity = 128
         let cqes = UnsafeMutablePointer<UnsafeMutablePointer<io_uring_cqe>?>.allocate(capacity: capacity)
         defer { cqes.deallocate() }
@@ -181,10 +202,17 @@ final class UringRing: TaskExecutor, @unchecked Sendable {
         var stopping = false
         let me = asUnownedTaskExecutor()
         while !stopping {
-            // Run what tasks queued here, then sleep in the kernel only if nothing new came meanwhile.
+            // Run what tasks queued here, submit what they asked for, then sleep in the kernel only if nothing new
+            // came meanwhile.
             while true {
                 lock.lock()
                 if jobs.isEmpty {
+                    // With the kernel full, completions make room and the code after them submits.
+                    if !submitting && queuedHead < queued.count && inFlight < maxInFlight {
+                        submitting = true
+                        submitQueued()
+                        continue
+                    }
                     sleeping = true
                     lock.unlock()
                     break
@@ -215,7 +243,13 @@ final class UringRing: TaskExecutor, @unchecked Sendable {
             let mustSubmit = !submitting && queuedHead < queued.count
             if mustSubmit { submitting = true }
             lock.unlock()
-            for (request, result) in finished { request.continuation?.resume(returning: result) }
+            for (request, result) in finished {
+                if let continuation = request.continuation {
+                    continuation.resume(returning: result)
+                } else {
+                    request.callback?(result)
+                }
+            }
             finished.removeAll(keepingCapacity: true)
             if mustSubmit {
                 lock.lock()

@@ -249,6 +249,20 @@ public final class Qcow2Driver: BlockDriver {
         return true
     }
 
+    public func directRead(at offset: Int64, length: Int) -> DirectRead? {
+        // Registered before the lookup, and left only when the read is done, as `read` does.
+        let metadata = self.metadata
+        let reader = metadata?.readers.enter()
+        guard let run = clusterMap.cachedRun(at: offset, maxLength: Int64(length)), run.length >= Int64(length),
+              case .data(let host) = run.state else {
+            if let reader { metadata?.readers.leave(reader) }
+            return nil
+        }
+        return DirectRead(file: file, hostOffset: host, release: {
+            if let reader { metadata?.readers.leave(reader) }
+        })
+    }
+
     /// A compressed cluster's share of a read: which bytes of it go where in the caller's buffer.
     private struct CompressedPiece: Sendable {
         let descriptor: Qcow2CompressedCluster
