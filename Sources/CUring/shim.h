@@ -11,4 +11,5 @@
 #include <time.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <sys/eventfd.h>
 #include <liburing.h>
