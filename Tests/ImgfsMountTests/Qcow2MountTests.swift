@@ -192,6 +192,56 @@ struct Qcow2MountTests {
         try scratch.unmount(mnt)
     }
 
+    @Test("cold 4 KiB O_DIRECT reads from 8 threads at once equal qemu-img convert", arguments: ["qcow2", "raw"])
+    func coldConcurrentReads(format: String) throws {
+        let scratch = try Scratch("cold-\(format)")
+        defer { scratch.cleanup() }
+        let base = scratch.path("base.raw")
+        try writeFile(base, randomBytes(16 * MiB, seed: 43))
+        var image = base
+        if format == "qcow2" {
+            image = scratch.path("cold.qcow2")
+            try runTool("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-b", "base.raw",
+                                     "-F", "raw", image, "16M"], cwd: scratch.directory)
+            try qemuIO(image, ["write -P 0x11 0 4M", "write -z 1M 256k", "write -c -P 0x22 5M 256k",
+                               "write -P 0x33 8M 3M", "discard 9M 128k", "write -P 0x44 12345 6789"])
+        }
+        let ref = try readFile(try reference(scratch, image))
+        // Misses under load are read with no task (`BlockNode.startRead`): drop the host files' pages, so reads
+        // reach the disk, and keep many in flight.
+        for path in [base, image] {
+            let fd = try openOrThrow(path, O_RDONLY)
+            fsync(fd)
+            _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
+            close(fd)
+        }
+        let mnt = try scratch.dir("mnt")
+        try scratch.mount(image, at: mnt, format == "raw" ? ["--format", "raw"] : [])
+        let exported = mnt + "/" + ((image as NSString).lastPathComponent as NSString).deletingPathExtension + ".raw"
+        let fd = try openOrThrow(exported, O_RDONLY | 0o40000)  // O_DIRECT: every read reaches the daemon
+        let threads = 8
+        let blocks = ref.count / 4096
+        let failures = Shared<[String]>([])
+        let got = UnsafeMutableRawBufferPointer.allocate(byteCount: ref.count, alignment: 4096)
+        defer { got.deallocate() }
+        let outAddress = Int(bitPattern: got.baseAddress!)  // an address is Sendable; the lanes write apart
+        DispatchQueue.concurrentPerform(iterations: threads) { lane in
+            let buffer = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+            defer { buffer.deallocate() }
+            // Lanes stride through a shuffled order, so each thread's reads are scattered like random I/O.
+            for index in stride(from: lane, to: blocks, by: threads) {
+                let offset = ((index &* 2_654_435_761) % blocks) * 4096
+                let n = pread(fd, buffer, 4096, off_t(offset))
+                if n != 4096 { failures.update { $0.append("pread 4096@\(offset) returned \(n) (\(errnoText()))") }; return }
+                (UnsafeMutableRawPointer(bitPattern: outAddress)! + offset).copyMemory(from: buffer, byteCount: 4096)
+            }
+        }
+        close(fd)
+        #expect(failures.value == [])
+        #expect(difference([UInt8](got), ref) == nil)
+        try scratch.unmount(mnt)
+    }
+
     @Test("bad backing chains fail with a clear error and leave nothing mounted")
     func badChains() throws {
         let scratch = try Scratch("bad")

@@ -117,12 +117,17 @@ final class UringRing: TaskExecutor, @unchecked Sendable {
 
     func enqueue(_ job: consuming ExecutorJob) {
         let unowned = UnownedJob(job)
+        handToCompletionThread { jobs.append(unowned) }
+    }
+
+    /// Adds work for the completion thread (under the lock) and wakes it if it sleeps in the ring. The completion
+    /// thread itself never sleeps while it adds work, so it never wakes itself; anyone else rings once.
+    private func handToCompletionThread(_ add: () -> Void) {
         lock.lock()
-        jobs.append(unowned)
+        add()
         let wake = sleeping
         sleeping = false
         lock.unlock()
-        // The completion thread queues for itself without waking itself; anyone else rings once.
         if wake { wakeCompletionThread() }
     }
 
@@ -161,13 +166,7 @@ final class UringRing: TaskExecutor, @unchecked Sendable {
     /// thread (cold 4 KiB reads at QD32: 6-10% more a second this way).
     func submit(_ operation: UringOperation, then callback: @escaping (Int32) -> Void) {
         let request = Request(operation, nil, callback: callback)
-        if onCompletionThread { return queue(request) }
-        lock.lock()
-        queued.append(request)
-        let wake = sleeping
-        sleeping = false
-        lock.unlock()
-        if wake { wakeCompletionThread() }
+        handToCompletionThread { queued.append(request) }
     }
 
     /// Ends the completion thread's sleep in the ring without entering it: a write to the eventfd it reads.
