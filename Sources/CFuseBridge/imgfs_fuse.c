@@ -1,11 +1,16 @@
 #include "imgfs_fuse.h"
 
 #include <errno.h>
+#include <linux/fuse.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 struct imgfs_session {
     struct fuse_session *se;
@@ -13,7 +18,22 @@ struct imgfs_session {
     unsigned max_request_bytes;
     unsigned negotiated_max_write;
     int mounted;
+    int want_passthrough;
+    _Atomic uint64_t init_unique;   // the INIT request, while its reply may still ask for passthrough
+    _Atomic int passthrough_offered;
+    _Atomic int passthrough;        // the kernel accepted: opens may name a backing file
 };
+
+// FUSE passthrough (Linux 6.9+) postdates libfuse 3.14 and its headers: the protocol's values, from the kernel's
+// include/uapi/linux/fuse.h.
+#define IMGFS_PASSTHROUGH_FLAGS2 (1u << (37 - 32))  // FUSE_PASSTHROUGH, in INIT's flags2
+#define IMGFS_FOPEN_PASSTHROUGH (1u << 7)
+struct imgfs_backing_map {
+    int32_t fd;
+    uint32_t flags;
+    uint64_t padding;
+};
+#define IMGFS_DEV_IOC_BACKING_OPEN _IOW(229, 1, struct imgfs_backing_map)
 
 #define HANDLERS(req) (&((imgfs_session *)fuse_req_userdata(req))->handlers)
 
@@ -166,10 +186,82 @@ imgfs_session *imgfs_session_new(const imgfs_fuse_handlers *handlers, int argc, 
     return s;
 }
 
+// The session's own read and writev, installed only to ask for passthrough: libfuse 3.14 cannot set the flag, so
+// INIT's reply gets it here when the kernel offered it.
+static ssize_t session_read(int fd, void *buf, size_t len, void *userdata) {
+    imgfs_session *s = userdata;
+    ssize_t n = read(fd, buf, len);
+    if (n >= (ssize_t)(sizeof(struct fuse_in_header) + sizeof(struct fuse_init_in))) {
+        const struct fuse_in_header *in = buf;
+        const struct fuse_init_in *init = (const void *)(in + 1);
+        if (in->opcode == FUSE_INIT && (init->flags & FUSE_INIT_EXT) && (init->flags2 & IMGFS_PASSTHROUGH_FLAGS2)) {
+            atomic_store(&s->passthrough_offered, 1);
+            atomic_store(&s->init_unique, in->unique);
+        }
+    }
+    return n;
+}
+
+static ssize_t session_writev(int fd, struct iovec *iov, int count, void *userdata) {
+    imgfs_session *s = userdata;
+    uint64_t init_unique = atomic_load(&s->init_unique);
+    int asked = 0;
+    if (init_unique != 0 && count >= 2 && iov[0].iov_len >= sizeof(struct fuse_out_header) &&
+        iov[1].iov_len >= sizeof(struct fuse_init_out)) {
+        const struct fuse_out_header *out = iov[0].iov_base;
+        struct fuse_init_out *init = iov[1].iov_base;
+        // Passthrough and the writeback cache exclude each other; imgfs never asks for the latter.
+        if (out->unique == init_unique && out->error == 0 && (init->flags & FUSE_INIT_EXT) &&
+            !(init->flags & FUSE_WRITEBACK_CACHE)) {
+            init->flags2 |= IMGFS_PASSTHROUGH_FLAGS2;
+            // max_stack_depth, the word after flags2 (unused[0] in libfuse's copy of the struct): the backing files
+            // are on ordinary file systems, one level below this one.
+            ((uint32_t *)(&init->flags2 + 1))[0] = 1;
+            asked = 1;
+        }
+    }
+    ssize_t n = writev(fd, iov, count);
+    if (asked) {
+        atomic_store(&s->init_unique, 0);
+        if (n >= 0) atomic_store(&s->passthrough, 1);
+    }
+    return n;
+}
+
 int imgfs_session_mount(imgfs_session *s, const char *mountpoint) {
     int rc = fuse_session_mount(s->se, mountpoint);
-    if (rc == 0) s->mounted = 1;
-    return rc;
+    if (rc != 0) return rc;
+    s->mounted = 1;
+    if (s->want_passthrough) {
+        const struct fuse_custom_io io = {.read = session_read, .writev = session_writev};
+        // Without it the mount works as before, only without passthrough.
+        (void)fuse_session_custom_io(s->se, &io, fuse_session_fd(s->se));
+    }
+    return 0;
+}
+
+void imgfs_session_request_passthrough(imgfs_session *s) { s->want_passthrough = 1; }
+
+int imgfs_session_passthrough_offered(imgfs_session *s) { return atomic_load(&s->passthrough_offered); }
+
+int imgfs_session_backing_open(imgfs_session *s, int fd) {
+    if (!atomic_load(&s->passthrough)) return -EOPNOTSUPP;
+    struct imgfs_backing_map map;
+    memset(&map, 0, sizeof map);
+    map.fd = fd;
+    int id = ioctl(fuse_session_fd(s->se), IMGFS_DEV_IOC_BACKING_OPEN, &map);
+    if (id < 0) return -errno;
+    return id == 0 ? -EIO : id;
+}
+
+int imgfs_reply_open_passthrough(fuse_req_t req, uint64_t fh, int backing_id) {
+    // fuse_open_out as Linux 6.9 defines it: libfuse 3.14's has padding where backing_id is.
+    struct {
+        uint64_t fh;
+        uint32_t open_flags;
+        int32_t backing_id;
+    } out = {fh, IMGFS_FOPEN_PASSTHROUGH, backing_id};
+    return fuse_reply_buf(req, (const char *)&out, sizeof out);
 }
 
 int imgfs_session_loop(imgfs_session *s, unsigned max_threads, int handle_signals) {

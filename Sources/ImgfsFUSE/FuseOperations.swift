@@ -39,12 +39,36 @@ extension FuseServer {
         if (flags & O_ACCMODE) != O_RDONLY && file.isReadOnly { return request.fail(EROFS) }
         let keepCache = configuration.keepCache
         if let node = file.fixedNode {
-            return request.replyOpen(handle: OpenFile(file: file, node: node).handle, keepCache: keepCache)
+            let handle = OpenFile(file: file, node: node).handle
+            if let backing = backingID(ino: ino, node: node) {
+                // An open the kernel no longer wants (interrupted) gets no release: drop the handle here.
+                if imgfs_reply_open_passthrough(request.raw, handle, backing) == -ENOENT { OpenFile.release(handle: handle) }
+                return
+            }
+            return request.replyOpen(handle: handle, keepCache: keepCache)
         }
         beginAsync(request) {
             let node = try await file.open()
             request.replyOpen(handle: OpenFile(file: file, node: node).handle, keepCache: keepCache)
         }
+    }
+
+    /// The backing-file id the kernel reads this file through (FUSE passthrough), if the session has passthrough
+    /// and the node is a read-only raw disk; registered on first use.
+    private func backingID(ino: UInt64, node: BlockNode) -> Int32? {
+        guard let session, let host = node.passthroughFile else { return nil }
+        let id = backingIDs.withLock { ids -> Int32 in
+            if let known = ids[ino] { return known }
+            let made = imgfs_session_backing_open(session, host.descriptor)
+            if made > 0 {
+                logger.info("kernel passthrough: the kernel reads \(host.path) itself")
+            } else if made != -EOPNOTSUPP {
+                logger.info("kernel passthrough unavailable for \(node.path): \(String(cString: strerror(-made)))")
+            }
+            ids[ino] = max(0, made)
+            return max(0, made)
+        }
+        return id > 0 ? id : nil
     }
 
     func release(_ request: FuseRequest, handle: UInt64) {

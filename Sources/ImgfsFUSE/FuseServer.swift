@@ -23,7 +23,11 @@ public final class FuseServer: @unchecked Sendable {
     /// Whether a loop thread is serving a request itself right now; at most one does, so another keeps reading
     /// /dev/fuse.
     private let inlineBusy = Atomic<Bool>(false)
-    private var session: OpaquePointer?
+    private(set) var session: OpaquePointer?
+    /// Backing-file ids for passthrough, by inode: registered at the file's first open and kept for the mount's
+    /// life (the kernel drops them with the connection); 0 where registering failed, so every open of a file is
+    /// answered alike (the kernel refuses to mix passthrough and cached opens of one inode).
+    let backingIDs = Locked<[UInt64: Int32]>([:])
     private var handlers = imgfs_fuse_handlers()
 
     public init(root: MountDirectory, configuration: MountConfiguration, executor: IOExecutor = .shared,
@@ -52,6 +56,7 @@ public final class FuseServer: @unchecked Sendable {
         guard let created else {
             throw FuseError("cannot start a FUSE session with options \(args.dropFirst().joined(separator: " ")) (see the libfuse message above)")
         }
+        if configuration.readOnly && configuration.kernelPassthrough { imgfs_session_request_passthrough(created) }
         guard imgfs_session_mount(created, configuration.mountpoint) == 0 else {
             imgfs_session_destroy(created)
             throw FuseError("cannot mount on \(configuration.mountpoint): is it an existing directory you own (or are you root)?")

@@ -18,6 +18,9 @@ public struct MountConfiguration: Sendable {
     /// Seconds the kernel may cache attributes and names; only this daemon changes them, and it answers
     /// truncates with the new size.
     public var attributeTimeout: Double = 3600
+    /// On a read-only mount, let the kernel read raw disks' host files itself (FUSE passthrough, Linux 6.9+, as
+    /// root); where it cannot, requests come to the daemon as usual.
+    public var kernelPassthrough = true
 
     public init(mountpoint: String, sourceName: String) {
         self.mountpoint = mountpoint

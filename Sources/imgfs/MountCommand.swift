@@ -43,6 +43,8 @@ struct MountCommand: ParsableCommand {
     @Option(name: .long, help: "Host I/O engine: uring or threads; default: uring when the kernel allows it (or $IMGFS_IO_ENGINE).")
     var ioEngine: IOEngineKind?
     @Option(name: .long, help: "Threads reading requests from /dev/fuse.") var fuseThreads = 2
+    @Flag(name: .long, help: "With --read-only: never let the kernel read a raw image's file itself (FUSE passthrough, used where Linux 6.9+ and root allow it).")
+    var noPassthrough = false
     @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .warning
     @Option(name: .long, help: "Where the daemon logs (default: nowhere once detached).") var logFile: String?
@@ -111,6 +113,7 @@ struct MountCommand: ParsableCommand {
             config.fuseOptions = fuseOptions
             config.readOnly = readOnly || node.isReadOnly
             config.fuseThreads = fuseThreads
+            config.kernelPassthrough = !noPassthrough
             config.handleSignals = true
             server = FuseServer(root: root, configuration: config, budget: budget)
             do { try server.mount() } catch {

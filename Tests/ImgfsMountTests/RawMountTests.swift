@@ -264,6 +264,56 @@ struct RawMountTests {
         }
     }
 
+    @Test("a --read-only raw image is read by the kernel itself (FUSE passthrough) where Linux 6.9+ and root allow it")
+    func readOnlyPassthrough() throws {
+        let model = randomBytes(16 * MiB, seed: 9)
+        var name = utsname()
+        uname(&name)
+        let release = withUnsafeBytes(of: &name.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        let version = release.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
+        let kernelHasIt = version.count == 2 && (version[0], version[1]) >= (6, 9)
+        for extra in [["--read-only", "--format", "raw"], ["--read-only", "--format", "raw", "--no-passthrough"]] {
+            try withRawMount(model, extra: extra, label: "pt") { scratch, _, mnt, file in
+                guard let pid = daemonPid(mountpoint: mnt) else { throw TestFailure("no daemon for \(mnt)") }
+                let before = try cpuTicks(pid)
+                let fd = try openOrThrow(file, O_RDONLY | 0o40000)  // O_DIRECT: nothing is served from FUSE's cache
+                let buffer = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+                var got = [UInt8](repeating: 0, count: model.count)
+                var failed: String?
+                got.withUnsafeMutableBytes { out in
+                    for offset in stride(from: 0, to: model.count, by: 4096) where failed == nil {
+                        let n = pread(fd, buffer, 4096, off_t(offset))
+                        if n != 4096 { failed = "pread 4096@\(offset) returned \(n) (\(errnoText()))"; return }
+                        (out.baseAddress! + offset).copyMemory(from: buffer, byteCount: 4096)
+                    }
+                }
+                buffer.deallocate()
+                close(fd)
+                let spent = try cpuTicks(pid) - before
+                #expect(failed == nil, "\(extra): \(failed ?? "")")
+                #expect(difference(got, model) == nil, "\(extra)")
+                let log = (try? String(contentsOfFile: scratch.path("daemon.log"), encoding: .utf8)) ?? ""
+                let passthrough = log.contains("kernel passthrough: the kernel reads")
+                let expected = kernelHasIt && geteuid() == 0 && !extra.contains("--no-passthrough")
+                #expect(passthrough == expected, "\(extra) on Linux \(release) as uid \(geteuid()): passthrough \(passthrough)\n\(log)")
+                // 4096 reads served by the daemon cost it tens of milliseconds; through the kernel, nothing.
+                if passthrough { #expect(spent <= 2, "the daemon spent \(spent) ticks on reads the kernel should serve") }
+            }
+        }
+    }
+
+    /// User and system CPU time of a process so far, in clock ticks.
+    private func cpuTicks(_ pid: pid_t) throws -> Int {
+        let stat = try String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)
+        // Fields after the command name, which is in parentheses and may hold spaces: utime and stime are 14 and 15.
+        guard let close = stat.lastIndex(of: ")") else { throw TestFailure("unreadable /proc/\(pid)/stat") }
+        let fields = stat[stat.index(after: close)...].split(separator: " ")
+        guard fields.count > 13, let user = Int(fields[11]), let system = Int(fields[12]) else {
+            throw TestFailure("unreadable /proc/\(pid)/stat")
+        }
+        return user + system
+    }
+
     @Test("--read-only images refuse writable opens with EROFS")
     func readOnly() throws {
         let model = randomBytes(2 * MiB, seed: 8)

@@ -47,6 +47,16 @@ int imgfs_session_mount(imgfs_session *session, const char *mountpoint);
 /// Runs the multi-threaded loop until unmount or fuse_session_exit; returns libfuse's result.
 int imgfs_session_loop(imgfs_session *session, unsigned max_threads, int handle_signals);
 void imgfs_session_exit(imgfs_session *session);
+
+// FUSE passthrough (Linux 6.9+): the kernel reads an open file's backing host file itself, with no request to us.
+/// Asks for it at INIT; call before imgfs_session_mount.
+void imgfs_session_request_passthrough(imgfs_session *session);
+/// Whether the kernel offered passthrough at INIT (it accepted it too if asked and the reply went out).
+int imgfs_session_passthrough_offered(imgfs_session *session);
+/// Registers `fd` as a backing file (needs CAP_SYS_ADMIN); its id (> 0), or -errno.
+int imgfs_session_backing_open(imgfs_session *session, int fd);
+/// Answers an open with a backing file id: the kernel then serves the file's reads itself.
+int imgfs_reply_open_passthrough(fuse_req_t req, uint64_t fh, int backing_id);
 void imgfs_session_unmount(imgfs_session *session);
 void imgfs_session_destroy(imgfs_session *session);
 /// The negotiated largest write the kernel will send (0 before INIT).

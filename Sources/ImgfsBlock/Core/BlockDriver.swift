@@ -26,6 +26,8 @@ public protocol BlockDriver: AnyObject, Sendable {
     /// Where the whole range lies as plain data in one host file, if the driver knows at once (no I/O, no wait):
     /// the read may then go there directly. The range must stay valid until `release` of the answer.
     func directRead(at offset: Int64, length: Int) -> DirectRead?
+    /// The host file whose bytes are the whole disk, offset for offset (raw), if there is one.
+    var wholeDiskFile: HostFile? { get }
     /// Writes; `.fua` arrives only if the driver handles it (the node flushes after the write otherwise).
     func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags) async throws
     /// Makes the range read as zeros; `.mayUnmap` lets the driver free the storage behind it, `.noFallback`
@@ -63,6 +65,7 @@ extension BlockDriver {
     public var handlesFUA: Bool { false }
     public func readIfCached(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) -> Bool { false }
     public func directRead(at offset: Int64, length: Int) -> DirectRead? { nil }
+    public var wholeDiskFile: HostFile? { nil }
     public func attach(_ children: BlockChildren) {}
     public func reopen(readOnly: Bool) async throws {
         if !readOnly { throw BlockError.unsupported("\(format.rawValue) images cannot be written by imgfs yet") }

@@ -106,6 +106,14 @@ public final class BlockNode: Sendable {
         return started
     }
 
+    /// The host file a reader may read instead of this node, bypassing it (the kernel's FUSE passthrough): only
+    /// for a read-only node whose disk is that file byte for byte, with no backing file. Nothing it reads then is
+    /// a tracked request, which no read-only node needs.
+    public var passthroughFile: HostFile? {
+        guard isReadOnly, backing == nil, let file = driver.wholeDiskFile, file.isReadOnly else { return nil }
+        return file
+    }
+
     /// Reads any range: bytes past the end of this disk read as zeros. Drivers call this on their backing node.
     public func readZeroPadded(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
         let count = try await readUpTo(at: offset, into: buffer)

@@ -46,6 +46,8 @@ public final class RawDriver: BlockDriver {
 
     public func directRead(at offset: Int64, length: Int) -> DirectRead? { DirectRead(file: file, hostOffset: offset) }
 
+    public var wholeDiskFile: HostFile? { file }
+
     public func write(at offset: Int64, from buffer: UnsafeRawBufferPointer, flags: BlockRequestFlags) async throws {
         if guardsProbe && offset < Int64(Self.probeBytes) { return try await writeFirstSector(at: offset, from: buffer) }
         try await file.write(buffer, at: offset)
