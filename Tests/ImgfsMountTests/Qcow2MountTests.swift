@@ -173,18 +173,8 @@ struct Qcow2MountTests {
         let mnt = try scratch.dir("mnt")
         try scratch.mount(image, at: mnt)
         let fd = try openOrThrow(mnt + "/warm.raw", O_RDONLY | 0o40000)  // O_DIRECT: every read reaches the daemon
-        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
-        defer { buffer.deallocate() }
         for pass in 1...2 {
-            var got = [UInt8](repeating: 0, count: ref.count)
-            var failed: String?
-            got.withUnsafeMutableBytes { out in
-                for offset in stride(from: 0, to: ref.count, by: 4096) where failed == nil {
-                    let n = pread(fd, buffer, 4096, off_t(offset))
-                    if n != 4096 { failed = "pread 4096@\(offset) returned \(n) (\(errnoText()))"; return }
-                    (out.baseAddress! + offset).copyMemory(from: buffer, byteCount: 4096)
-                }
-            }
+            let (got, failed) = readInPages(fd, count: ref.count)
             #expect(failed == nil, "pass \(pass): \(failed ?? "")")
             #expect(difference(got, ref) == nil, "pass \(pass)")
         }

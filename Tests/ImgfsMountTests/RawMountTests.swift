@@ -277,17 +277,7 @@ struct RawMountTests {
                 guard let pid = daemonPid(mountpoint: mnt) else { throw TestFailure("no daemon for \(mnt)") }
                 let before = try cpuTicks(pid)
                 let fd = try openOrThrow(file, O_RDONLY | 0o40000)  // O_DIRECT: nothing is served from FUSE's cache
-                let buffer = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
-                var got = [UInt8](repeating: 0, count: model.count)
-                var failed: String?
-                got.withUnsafeMutableBytes { out in
-                    for offset in stride(from: 0, to: model.count, by: 4096) where failed == nil {
-                        let n = pread(fd, buffer, 4096, off_t(offset))
-                        if n != 4096 { failed = "pread 4096@\(offset) returned \(n) (\(errnoText()))"; return }
-                        (out.baseAddress! + offset).copyMemory(from: buffer, byteCount: 4096)
-                    }
-                }
-                buffer.deallocate()
+                let (got, failed) = readInPages(fd, count: model.count)
                 close(fd)
                 let spent = try cpuTicks(pid) - before
                 #expect(failed == nil, "\(extra): \(failed ?? "")")

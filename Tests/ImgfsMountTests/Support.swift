@@ -181,6 +181,24 @@ func preadFully(_ fd: Int32, count: Int, at offset: Int64) throws -> [UInt8] {
     return buffer
 }
 
+/// Reads `count` bytes from the start of `fd` in 4 KiB preads into one aligned page (so O_DIRECT works); the
+/// bytes, and the first failure if a read came back short.
+func readInPages(_ fd: Int32, count: Int) -> (bytes: [UInt8], failure: String?) {
+    let page = UnsafeMutableRawPointer.allocate(byteCount: 4096, alignment: 4096)
+    defer { page.deallocate() }
+    var bytes = [UInt8](repeating: 0, count: count)
+    var failure: String?
+    bytes.withUnsafeMutableBytes { out in
+        for offset in stride(from: 0, to: count, by: 4096) {
+            let want = min(4096, count - offset)
+            let n = pread(fd, page, want, off_t(offset))
+            if n != want { failure = "pread \(want)@\(offset) returned \(n) (\(errnoText()))"; return }
+            (out.baseAddress! + offset).copyMemory(from: page, byteCount: want)
+        }
+    }
+    return (bytes, failure)
+}
+
 func pwriteFully(_ fd: Int32, _ bytes: [UInt8], at offset: Int64) throws {
     var done = 0
     try bytes.withUnsafeBytes { raw in
