@@ -264,7 +264,7 @@ struct RawMountTests {
         }
     }
 
-    @Test("a --read-only raw image is read by the kernel itself (FUSE passthrough) where Linux 6.9+ and root allow it")
+    @Test("with --read-only --passthrough the kernel reads a raw image itself (FUSE passthrough) where Linux 6.9+ and root allow it")
     func readOnlyPassthrough() throws {
         let model = randomBytes(16 * MiB, seed: 9)
         var name = utsname()
@@ -272,7 +272,7 @@ struct RawMountTests {
         let release = withUnsafeBytes(of: &name.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
         let version = release.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
         let kernelHasIt = version.count == 2 && (version[0], version[1]) >= (6, 9)
-        for extra in [["--read-only", "--format", "raw"], ["--read-only", "--format", "raw", "--no-passthrough"]] {
+        for extra in [["--read-only", "--format", "raw", "--passthrough"], ["--read-only", "--format", "raw"]] {
             try withRawMount(model, extra: extra, label: "pt") { scratch, _, mnt, file in
                 guard let pid = daemonPid(mountpoint: mnt) else { throw TestFailure("no daemon for \(mnt)") }
                 let before = try cpuTicks(pid)
@@ -284,12 +284,19 @@ struct RawMountTests {
                 #expect(difference(got, model) == nil, "\(extra)")
                 let log = (try? String(contentsOfFile: scratch.path("daemon.log"), encoding: .utf8)) ?? ""
                 let passthrough = log.contains("kernel passthrough: the kernel reads")
-                let expected = kernelHasIt && geteuid() == 0 && !extra.contains("--no-passthrough")
+                let expected = kernelHasIt && geteuid() == 0 && extra.contains("--passthrough")
                 #expect(passthrough == expected, "\(extra) on Linux \(release) as uid \(geteuid()): passthrough \(passthrough)\n\(log)")
                 // 4096 reads served by the daemon cost it tens of milliseconds; through the kernel, nothing.
                 if passthrough { #expect(spent <= 2, "the daemon spent \(spent) ticks on reads the kernel should serve") }
             }
         }
+        // Writes would bypass the daemon's checks: only a read-only mount may ask.
+        let scratch = try Scratch("pt-rw")
+        defer { scratch.cleanup() }
+        try writeFile(scratch.path("disk.img"), model)
+        let refused = try scratch.imgfs(["mount", "--passthrough", scratch.path("disk.img"), try scratch.dir("mnt")],
+                                        check: false)
+        #expect(refused.status != 0 && refused.stderr.contains("--read-only"), "\(refused.status): \(refused.stderr)")
     }
 
     /// User and system CPU time of a process so far, in clock ticks.
