@@ -20,7 +20,6 @@ struct imgfs_session {
     int mounted;
     int want_passthrough;
     _Atomic uint64_t init_unique;   // the INIT request, while its reply may still ask for passthrough
-    _Atomic int passthrough_offered;
     _Atomic int passthrough;        // the kernel accepted: opens may name a backing file
 };
 
@@ -195,7 +194,6 @@ static ssize_t session_read(int fd, void *buf, size_t len, void *userdata) {
         const struct fuse_in_header *in = buf;
         const struct fuse_init_in *init = (const void *)(in + 1);
         if (in->opcode == FUSE_INIT && (init->flags & FUSE_INIT_EXT) && (init->flags2 & IMGFS_PASSTHROUGH_FLAGS2)) {
-            atomic_store(&s->passthrough_offered, 1);
             atomic_store(&s->init_unique, in->unique);
         }
     }
@@ -241,8 +239,6 @@ int imgfs_session_mount(imgfs_session *s, const char *mountpoint) {
 }
 
 void imgfs_session_request_passthrough(imgfs_session *s) { s->want_passthrough = 1; }
-
-int imgfs_session_passthrough_offered(imgfs_session *s) { return atomic_load(&s->passthrough_offered); }
 
 int imgfs_session_backing_open(imgfs_session *s, int fd) {
     if (!atomic_load(&s->passthrough)) return -EOPNOTSUPP;

@@ -51,8 +51,6 @@ void imgfs_session_exit(imgfs_session *session);
 // FUSE passthrough (Linux 6.9+): the kernel reads an open file's backing host file itself, with no request to us.
 /// Asks for it at INIT; call before imgfs_session_mount.
 void imgfs_session_request_passthrough(imgfs_session *session);
-/// Whether the kernel offered passthrough at INIT (it accepted it too if asked and the reply went out).
-int imgfs_session_passthrough_offered(imgfs_session *session);
 /// Registers `fd` as a backing file (needs CAP_SYS_ADMIN); its id (> 0), or -errno.
 int imgfs_session_backing_open(imgfs_session *session, int fd);
 /// Answers an open with a backing file id: the kernel then serves the file's reads itself.

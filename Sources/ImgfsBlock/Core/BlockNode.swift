@@ -93,16 +93,16 @@ public final class BlockNode: Sendable {
             return false
         }
         let requests = self.requests
+        let finish: @Sendable () -> Void = {
+            direct.release?()
+            requests.end(request)
+        }
         let started = direct.file.startRead(into: buffer, at: direct.hostOffset) { complete in
             // Still registered while the caller uses the bytes, as in `readUpTo`'s body.
             completion(complete)
-            direct.release?()
-            requests.end(request)
+            finish()
         }
-        if !started {
-            direct.release?()
-            requests.end(request)
-        }
+        if !started { finish() }
         return started
     }
 

@@ -9,7 +9,8 @@ import Glibc
 ///
 /// Tasks that prefer this executor resume on the completion thread itself when their I/O completes: no hand-off
 /// to another thread, which on two cores cost more CPU than the read (a third of the daemon's time was thread
-/// switches). Work enqueued from elsewhere wakes the thread with a NOP. Jobs here must never block.
+/// switches). Work handed over from elsewhere wakes the thread through an eventfd it always has a read posted on.
+/// Jobs here must never block.
 ///
 /// Submitters queue requests; whichever finds nobody submitting takes the duty and moves everything queued into
 /// the SQ with one `io_uring_enter`, so concurrent submitters batch instead of each holding a lock across a
@@ -19,7 +20,7 @@ import Glibc
 final class UringRing: TaskExecutor, @unchecked Sendable {
     private final class Request {
         let operation: UringOperation
-        /// The task awaiting the result; nil for a wake-up NOP or a callback.
+        /// The task awaiting the result; nil when `callback` takes it instead.
         let continuation: UnsafeContinuation<Int32, Never>?
         let callback: ((Int32) -> Void)?
         /// The completion thread's standing read of its wake-up eventfd, not a caller's request.
@@ -132,7 +133,7 @@ final class UringRing: TaskExecutor, @unchecked Sendable {
     }
 
     /// Whether the caller runs on the completion thread.
-    var onCompletionThread: Bool { loopThread.load(ordering: .relaxed) == UInt(pthread_self()) }
+    private var onCompletionThread: Bool { loopThread.load(ordering: .relaxed) == UInt(pthread_self()) }
 
     /// Adds a request to the submission queue, taking the submit duty if nobody holds it.
     ///
@@ -163,7 +164,7 @@ final class UringRing: TaskExecutor, @unchecked Sendable {
     /// The completion thread submits it: the kernel then runs a miss's completion work on that thread as it waits
     /// in the ring, and the thread reaps and calls back with no other thread woken. Submitted by the caller, the
     /// work landed on a FUSE loop thread asleep in `read(/dev/fuse)`, which then had to wake the completion
-    /// thread (cold 4 KiB reads at QD32: 6-10% more a second this way).
+    /// thread (cold 4 KiB reads at QD32: 6-24% more a second this way, in five paired runs).
     func submit(_ operation: UringOperation, then callback: @escaping (Int32) -> Void) {
         let request = Request(operation, nil, callback: callback)
         handToCompletionThread { queued.append(request) }
