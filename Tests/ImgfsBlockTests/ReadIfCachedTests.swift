@@ -53,6 +53,35 @@ private func withPoisonedBuffer<T>(_ count: Int, _ body: (UnsafeMutableRawBuffer
         }
     }
 
+    @Test func aFileInMemoryIsReadPlainlyThoughItRefusesNoWait() throws {
+        // tmpfs refuses RWF_NOWAIT (EOPNOTSUPP) and never waits for a disk: its files must still take the fast path.
+        let directory = "/dev/shm"
+        let probe = open(directory, O_RDONLY | O_DIRECTORY)
+        try #require(probe >= 0)
+        let type = linuxFileSystemType(probe)
+        close(probe)
+        try #require(type == 0x0102_1994, "\(directory) is not a tmpfs here")
+        let bytes = patterned(300_000, seed: 11)
+        let path = try makeFile(bytes, in: directory)
+        defer { unlink(path) }
+        let file = try HostFile.open(path, readOnly: true)
+        let refused = withPoisonedBuffer(4096) { buffer in
+            linuxPreadv2(file.descriptor, buffer, at: 0, flags: LinuxReadFlags.noWait) < 0 && errno == EOPNOTSUPP
+        }
+        #expect(refused, "tmpfs now takes RWF_NOWAIT: this test no longer shows the plain-read path")
+        for _ in 0..<2 {  // the first call learns the file system, the second uses what it learnt
+            withPoisonedBuffer(70_001) { buffer in
+                #expect(file.readIfCached(into: buffer, at: 12_345) == buffer.count)
+                #expect(Array(buffer) == Array(bytes[12_345..<(12_345 + 70_001)]))
+            }
+        }
+        withPoisonedBuffer(10_000) { buffer in
+            #expect(file.readIfCached(into: buffer, at: 295_000) == 5_000)
+            #expect(Array(buffer[..<5_000]) == Array(bytes[295_000...]))
+            #expect(file.readIfCached(into: buffer, at: 400_000) == 0)
+        }
+    }
+
     @Test func aRangeNotInThePageCacheIsDeclined() throws {
         // A disk-backed path: tmpfs pages are always "cached".
         let bytes = patterned(8 << 20)

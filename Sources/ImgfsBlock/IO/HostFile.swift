@@ -15,9 +15,8 @@ public final class HostFile: Sendable {
     private let direct = Locked(DirectState.unopened)
     public let executor: IOExecutor
     public let engine: any IOEngine
-    /// Set once RWF_NOWAIT turns out unsupported here (an old kernel or an odd file system), so a caller's fast
-    /// path costs no failing system call per request from then on.
-    private let noWaitUnsupported = Atomic<Bool>(false)
+    /// How `readIfCached` probes, learnt at the first RWF_NOWAIT refusal (`CachedReadProbe`).
+    private let cachedReadProbe = Atomic<UInt8>(CachedReadProbe.noWait.rawValue)
     private let writeBehind = Locked(WriteBehind())
 
     /// The (device, inode) pair, used to detect a backing chain that names a file twice.
@@ -178,16 +177,23 @@ public final class HostFile: Sendable {
     /// Reads the range only if the page cache already holds it, without waiting for I/O or locks
     /// (`preadv2(RWF_NOWAIT)`); returns the count (short only at end of file), or nil when the read would block
     /// or fails, for the caller to retry on its async path, which reports errors properly.
+    /// A file in memory (tmpfs, ramfs) refuses RWF_NOWAIT but never waits for a disk: it is read plainly.
     public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) -> Int? {
-        if noWaitUnsupported.load(ordering: .relaxed) { return nil }
+        let probe = CachedReadProbe(rawValue: cachedReadProbe.load(ordering: .relaxed)) ?? .none
+        if probe == .none { return nil }
+        let flags = probe == .noWait ? LinuxReadFlags.noWait : 0
         var done = 0
         while done < buffer.count {
             let rest = UnsafeMutableRawBufferPointer(rebasing: buffer[done...])
-            let n = linuxPreadv2(descriptor, rest, at: offset + Int64(done), flags: LinuxReadFlags.noWait)
+            let n = linuxPreadv2(descriptor, rest, at: offset + Int64(done), flags: flags)
             if n < 0 {
                 let code = errno
                 if code == EINTR { continue }
-                if code == EOPNOTSUPP || code == ENOSYS { noWaitUnsupported.store(true, ordering: .relaxed) }
+                if probe == .noWait && (code == EOPNOTSUPP || code == ENOSYS) {
+                    let learnt: CachedReadProbe = isInMemoryFileSystem(descriptor) ? .plain : .none
+                    cachedReadProbe.store(learnt.rawValue, ordering: .relaxed)
+                    if learnt == .plain { return readIfCached(into: buffer, at: offset) }
+                }
                 return nil
             }
             if n == 0 { break }
@@ -264,6 +270,24 @@ public final class HostFile: Sendable {
             }
         }
         return try await readAll(fd: descriptor, into: buffer, at: offset)
+    }
+
+    /// How `readIfCached` reads without waiting for a disk.
+    private enum CachedReadProbe: UInt8 {
+        /// preadv2(RWF_NOWAIT): fails rather than wait for I/O.
+        case noWait
+        /// A plain read: the file system keeps every page in memory (tmpfs, ramfs), and refuses RWF_NOWAIT.
+        case plain
+        /// None: RWF_NOWAIT is refused (an old kernel or an odd file system), so a caller's fast path costs no
+        /// failing system call per request from then on.
+        case none
+    }
+
+    /// Whether the file system under `fd` holds its files in memory, so a read never waits for a device.
+    private func isInMemoryFileSystem(_ fd: Int32) -> Bool {
+        // TMPFS_MAGIC and RAMFS_MAGIC from linux/magic.h.
+        let type = linuxFileSystemType(fd)
+        return type == 0x0102_1994 || type == 0x8584_58f6
     }
 
     /// Whether this file has a second, O_DIRECT open, and what it is.

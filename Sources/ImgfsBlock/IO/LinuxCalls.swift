@@ -18,6 +18,9 @@ private func libcSyncFileRange(_ fd: Int32, _ offset: Int64, _ nbytes: Int64, _ 
 @_silgen_name("pthread_setname_np")
 private func libcPthreadSetname(_ thread: pthread_t, _ name: UnsafePointer<CChar>) -> Int32
 
+@_silgen_name("fstatfs")
+private func libcFstatfs(_ fd: Int32, _ buffer: UnsafeMutableRawPointer) -> Int32
+
 @_silgen_name("dup3")
 private func libcDup3(_ oldfd: Int32, _ newfd: Int32, _ flags: Int32) -> Int32
 
@@ -29,6 +32,15 @@ func nameCurrentThread(_ name: String) {
 /// dup3(2): makes `newfd` refer to `oldfd`'s open file description, atomically.
 func linuxDup3(_ oldfd: Int32, _ newfd: Int32, flags: Int32) -> Int32 {
     libcDup3(oldfd, newfd, flags)
+}
+
+/// fstatfs(2)'s f_type, the file system's magic number; nil if the call fails. Swift's Glibc does not export
+/// sys/vfs.h; f_type is the struct's first field, a C long, on every Linux ABI.
+func linuxFileSystemType(_ fd: Int32) -> Int? {
+    // struct statfs is 120 bytes on 64-bit Linux; the buffer leaves room for any ABI's padding.
+    withUnsafeTemporaryAllocation(byteCount: 256, alignment: 16) { buffer in
+        libcFstatfs(fd, buffer.baseAddress!) == 0 ? buffer.load(as: Int.self) : nil
+    }
 }
 
 /// preadv2(2) of one buffer with RWF_* flags; returns the count or -1 with errno set.
