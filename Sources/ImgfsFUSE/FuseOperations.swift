@@ -39,13 +39,16 @@ extension FuseServer {
         if (flags & O_ACCMODE) != O_RDONLY && file.isReadOnly { return request.fail(EROFS) }
         let keepCache = configuration.keepCache
         if let node = file.fixedNode {
-            let handle = OpenFile(file: file, node: node).handle
-            if let backing = backingID(ino: ino, node: node) {
-                // An open the kernel no longer wants (interrupted) gets no release: drop the handle here.
-                if imgfs_reply_open_passthrough(request.raw, handle, backing) == -ENOENT { OpenFile.release(handle: handle) }
-                return
+            guard let host = passthroughCandidate(node) else {
+                return request.replyOpen(handle: OpenFile(file: file, node: node).handle, keepCache: keepCache)
             }
-            return request.replyOpen(handle: handle, keepCache: keepCache)
+            let handle = OpenFile(file: file, node: node, passthroughIno: ino).handle
+            guard let backing = admitPassthrough(ino: ino, node: node, host: host, flags: flags) else {
+                return request.replyOpen(handle: handle, keepCache: keepCache)
+            }
+            // An open the kernel no longer wants (interrupted) gets no release: drop the handle here.
+            if imgfs_reply_open_passthrough(request.raw, handle, backing) == -ENOENT { releaseOpen(handle: handle) }
+            return
         }
         beginAsync(request) {
             let node = try await file.open()
@@ -53,27 +56,47 @@ extension FuseServer {
         }
     }
 
-    /// The backing-file id the kernel reads this file through (FUSE passthrough), if the session has passthrough
-    /// and the node is a read-only raw disk; registered on first use.
-    private func backingID(ino: UInt64, node: BlockNode) -> Int32? {
-        guard let session, let host = node.passthroughFile else { return nil }
-        let id = backingIDs.withLock { ids -> Int32 in
-            if let known = ids[ino] { return known }
-            let made = imgfs_session_backing_open(session, host.descriptor)
-            if made > 0 {
-                logger.info("kernel passthrough: the kernel reads \(host.path) itself")
-            } else if made != -EOPNOTSUPP {
-                logger.info("kernel passthrough unavailable for \(node.path): \(String(cString: strerror(-made)))")
+    /// The host file the kernel could read for `node` itself, if this session asked for passthrough.
+    private func passthroughCandidate(_ node: BlockNode) -> HostFile? {
+        guard session != nil, configuration.readOnly, configuration.kernelPassthrough else { return nil }
+        return node.passthroughFile
+    }
+
+    /// The backing-file id an open of `ino` is answered with, or nil for the daemon to serve it
+    /// (`PassthroughInode.admit`); the id is registered on first use. The open counts as live until its release.
+    private func admitPassthrough(ino: UInt64, node: BlockNode, host: HostFile, flags: Int32) -> Int32? {
+        let share = flags & LinuxOpenFlags.direct != 0 ? host.pageCacheShare() : nil
+        return passthroughInodes.withLock { inodes -> Int32? in
+            var inode = inodes[ino] ?? PassthroughInode()
+            if inode.backingID == nil, let session {
+                let made = imgfs_session_backing_open(session, host.descriptor)
+                if made > 0 {
+                    logger.info("kernel passthrough: the kernel reads \(host.path) itself")
+                } else if made != -EOPNOTSUPP {
+                    logger.info("kernel passthrough unavailable for \(node.path): \(String(cString: strerror(-made)))")
+                }
+                inode.backingID = max(0, made)
             }
-            ids[ino] = max(0, made)
-            return max(0, made)
+            let backing = inode.admit(directOnCachedImage: (share ?? 0) > 0.5)
+            if backing == nil, let share, inode.backingID ?? 0 > 0 {
+                logger.debug("\(node.path): an O_DIRECT open served by the daemon (the host page cache holds \(Int(share * 100))% of the image)")
+            }
+            inodes[ino] = inode
+            return backing
         }
-        return id > 0 ? id : nil
+    }
+
+    /// Gives back an open's handle, and its count in the passthrough state.
+    private func releaseOpen(handle: UInt64) {
+        if let ino = OpenFile.from(handle: handle).passthroughIno {
+            passthroughInodes.withLock { $0[ino]?.release() }
+        }
+        OpenFile.release(handle: handle)
     }
 
     func release(_ request: FuseRequest, handle: UInt64) {
         let open = OpenFile.from(handle: handle)
-        OpenFile.release(handle: handle)
+        releaseOpen(handle: handle)
         guard case .lazy = open.file.source else { return request.succeed() }
         beginAsync(request) {
             await open.file.close()

@@ -24,10 +24,8 @@ public final class FuseServer: @unchecked Sendable {
     /// /dev/fuse.
     private let inlineBusy = Atomic<Bool>(false)
     private(set) var session: OpaquePointer?
-    /// Backing-file ids for passthrough, by inode: registered at the file's first open and kept for the mount's
-    /// life (the kernel drops them with the connection); 0 where registering failed, so every open of a file is
-    /// answered alike (the kernel refuses to mix passthrough and cached opens of one inode).
-    let backingIDs = Locked<[UInt64: Int32]>([:])
+    /// The passthrough state of each file that may have it, by inode (`PassthroughInode`).
+    let passthroughInodes = Locked<[UInt64: PassthroughInode]>([:])
     private var handlers = imgfs_fuse_handlers()
 
     public init(root: MountDirectory, configuration: MountConfiguration, executor: IOExecutor = .shared,

@@ -19,9 +19,9 @@ public struct MountConfiguration: Sendable {
     /// truncates with the new size.
     public var attributeTimeout: Double = 3600
     /// On a read-only mount, let the kernel read raw disks' host files itself (FUSE passthrough, Linux 6.9+, as
-    /// root); where it cannot, requests come to the daemon as usual. Off by default: an O_DIRECT read then goes
-    /// to the disk even when the host page cache holds the image (warm 4 KiB QD32 fell from 214k to 91k).
-    public var kernelPassthrough = false
+    /// root); where it cannot, requests come to the daemon as usual. O_DIRECT opens of an image the host page cache
+    /// mostly holds are served by the daemon (`PassthroughInode`).
+    public var kernelPassthrough = true
 
     public init(mountpoint: String, sourceName: String) {
         self.mountpoint = mountpoint

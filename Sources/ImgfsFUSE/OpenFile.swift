@@ -7,10 +7,13 @@ import ImgfsBlock
 final class OpenFile: Sendable {
     let file: ExportedFile
     let node: BlockNode
+    /// The inode whose passthrough state counts this open (`PassthroughInode`), if it has one.
+    let passthroughIno: UInt64?
 
-    init(file: ExportedFile, node: BlockNode) {
+    init(file: ExportedFile, node: BlockNode, passthroughIno: UInt64? = nil) {
         self.file = file
         self.node = node
+        self.passthroughIno = passthroughIno
     }
 
     var isReadOnly: Bool { file.isReadOnly }

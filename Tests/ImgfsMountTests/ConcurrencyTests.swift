@@ -159,7 +159,8 @@ struct ConcurrencyTests {
             if isMounted(disk) { _ = umount2(disk, Int32(MNT_DETACH)) }
             try? FileManager.default.removeItem(atPath: directory)
         }
-        try runTool(binary, ["mount", "--read-only", "--format", "raw", "--io-threads", "2", "--io-engine", "uring",
+        // --no-passthrough: the reads must reach imgfs's engine, not the kernel's passthrough to the slow file.
+        try runTool(binary, ["mount", "--read-only", "--no-passthrough", "--format", "raw", "--io-threads", "2", "--io-engine", "uring",
                              "--fuse-threads", "\(fuseThreads)", disk + "/slow.raw", mnt])
         let file = mnt + "/slow.raw"
         let outcome = try await onThread { () -> (fast: Double, inFlight: Int, fastOK: Bool, slowOK: Bool) in

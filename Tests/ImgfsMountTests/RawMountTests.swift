@@ -264,7 +264,7 @@ struct RawMountTests {
         }
     }
 
-    @Test("with --read-only --passthrough the kernel reads a raw image itself (FUSE passthrough) where Linux 6.9+ and root allow it")
+    @Test("read-only raw mounts let the kernel read the image itself (FUSE passthrough) where Linux 6.9+ and root allow it, except O_DIRECT opens of a cached image")
     func readOnlyPassthrough() throws {
         let model = randomBytes(16 * MiB, seed: 9)
         var name = utsname()
@@ -272,22 +272,51 @@ struct RawMountTests {
         let release = withUnsafeBytes(of: &name.release) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
         let version = release.split(whereSeparator: { !$0.isNumber }).prefix(2).compactMap { Int($0) }
         let kernelHasIt = version.count == 2 && (version[0], version[1]) >= (6, 9)
-        for extra in [["--read-only", "--format", "raw", "--passthrough"], ["--read-only", "--format", "raw"]] {
-            try withRawMount(model, extra: extra, label: "pt") { scratch, _, mnt, file in
+        let direct = O_RDONLY | 0o40000  // O_DIRECT: nothing is served from FUSE's cache
+        let servedByDaemon = "an O_DIRECT open served by the daemon"
+        for extra in [[], ["--passthrough"], ["--no-passthrough"]] {
+            let args = ["--read-only", "--format", "raw", "--log-level", "debug"] + extra
+            try withRawMount(model, extra: args, label: "pt") { scratch, image, mnt, file in
                 guard let pid = daemonPid(mountpoint: mnt) else { throw TestFailure("no daemon for \(mnt)") }
+                let log = { (try? String(contentsOfFile: scratch.path("daemon.log"), encoding: .utf8)) ?? "" }
+                // Cold: the image's pages dropped from the host page cache, then O_DIRECT reads of every page.
+                try dropHostPageCache(image)
                 let before = try cpuTicks(pid)
-                let fd = try openOrThrow(file, O_RDONLY | 0o40000)  // O_DIRECT: nothing is served from FUSE's cache
+                let fd = try openOrThrow(file, direct)
                 let (got, failed) = readInPages(fd, count: model.count)
                 close(fd)
                 let spent = try cpuTicks(pid) - before
                 #expect(failed == nil, "\(extra): \(failed ?? "")")
                 #expect(difference(got, model) == nil, "\(extra)")
-                let log = (try? String(contentsOfFile: scratch.path("daemon.log"), encoding: .utf8)) ?? ""
-                let passthrough = log.contains("kernel passthrough: the kernel reads")
-                let expected = kernelHasIt && geteuid() == 0 && extra.contains("--passthrough")
-                #expect(passthrough == expected, "\(extra) on Linux \(release) as uid \(geteuid()): passthrough \(passthrough)\n\(log)")
+                let passthrough = log().contains("kernel passthrough: the kernel reads")
+                let expected = kernelHasIt && geteuid() == 0 && extra != ["--no-passthrough"]
+                #expect(passthrough == expected, "\(extra) on Linux \(release) as uid \(geteuid()): passthrough \(passthrough)\n\(log())")
+                #expect(!log().contains(servedByDaemon), "a cold image's O_DIRECT open was kept from passthrough")
                 // 4096 reads served by the daemon cost it tens of milliseconds; through the kernel, nothing.
                 if passthrough { #expect(spent <= 2, "the daemon spent \(spent) ticks on reads the kernel should serve") }
+                guard passthrough else { return }
+
+                // Warm: an O_DIRECT open is served by the daemon from the host page cache. A buffered open made
+                // while it is open must be answered alike (the kernel refuses to mix), and still read right.
+                _ = try readFile(image)
+                let warm = try openOrThrow(file, direct)
+                #expect(log().contains(servedByDaemon), "an O_DIRECT open of a cached image went to passthrough")
+                let buffered = try openOrThrow(file, O_RDONLY)
+                #expect(difference(try preadFully(buffered, count: model.count, at: 0), model) == nil)
+                #expect(difference(readInPages(warm, count: model.count).bytes, model) == nil)
+                close(buffered)
+                close(warm)
+                // The other way round: with a buffered (passthrough) open live, an O_DIRECT open of the cached
+                // image follows it through passthrough rather than fail.
+                let daemonServed = log().components(separatedBy: servedByDaemon).count
+                let first = try openOrThrow(file, O_RDONLY)
+                let second = try openOrThrow(file, direct)
+                #expect(difference(readInPages(second, count: model.count).bytes, model) == nil)
+                #expect(difference(try preadFully(first, count: model.count, at: 0), model) == nil)
+                close(second)
+                close(first)
+                #expect(log().components(separatedBy: servedByDaemon).count == daemonServed,
+                        "an O_DIRECT open was answered apart from the passthrough open it overlapped")
             }
         }
         // Writes would bypass the daemon's checks: only a read-only mount may ask.
@@ -297,6 +326,14 @@ struct RawMountTests {
         let refused = try scratch.imgfs(["mount", "--passthrough", scratch.path("disk.img"), try scratch.dir("mnt")],
                                         check: false)
         #expect(refused.status != 0 && refused.stderr.contains("--read-only"), "\(refused.status): \(refused.stderr)")
+    }
+
+    /// Writes the file's dirty pages and asks the kernel to forget its cached ones.
+    private func dropHostPageCache(_ path: String) throws {
+        let fd = try openOrThrow(path, O_RDONLY)
+        defer { close(fd) }
+        _ = fsync(fd)
+        _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
     }
 
     /// User and system CPU time of a process so far, in clock ticks.

@@ -95,7 +95,8 @@ final class Scratch {
 
     /// `imgfs mount [extra] IMAGE MOUNTPOINT` (daemonized, logging to a file in the scratch directory).
     func mount(_ image: String, at mountpoint: String, _ extra: [String] = []) throws {
-        let args = ["mount"] + extra + ["--log-file", path("daemon.log"), "--log-level", "info", image, mountpoint]
+        // The log level first, so that `extra` may ask for another (the last one given counts).
+        let args = ["mount", "--log-level", "info"] + extra + ["--log-file", path("daemon.log"), image, mountpoint]
         let result = try imgfs(args, check: false)
         if result.status != 0 {
             let log = (try? String(contentsOfFile: path("daemon.log"), encoding: .utf8)) ?? ""

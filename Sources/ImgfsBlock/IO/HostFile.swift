@@ -272,6 +272,16 @@ public final class HostFile: Sendable {
         return try await readAll(fd: descriptor, into: buffer, at: offset)
     }
 
+    /// The share of the file (0 to 1) the host page cache holds now; nil where the kernel cannot tell (before
+    /// Linux 6.5). It walks the file's cached pages: milliseconds for gigabytes, so not per request.
+    public func pageCacheShare() -> Double? {
+        var st = stat()
+        guard fstat(descriptor, &st) == 0, let cached = linuxCachedPageCount(descriptor) else { return nil }
+        guard st.st_size > 0 else { return 1 }
+        let pages = (Double(st.st_size) / Double(sysconf(Int32(_SC_PAGESIZE)))).rounded(.up)
+        return min(1, Double(cached) / pages)
+    }
+
     /// How `readIfCached` reads without waiting for a disk.
     private enum CachedReadProbe: UInt8 {
         /// preadv2(RWF_NOWAIT): fails rather than wait for I/O.

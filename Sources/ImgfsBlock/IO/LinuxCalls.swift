@@ -43,23 +43,36 @@ func linuxFileSystemType(_ fd: Int32) -> Int? {
     }
 }
 
+/// cachestat(2) (Linux 6.5+, which glibc 2.36 does not wrap) over the whole file: how many of its pages the page
+/// cache holds; nil where the kernel lacks the call.
+func linuxCachedPageCount(_ fd: Int32) -> UInt64? {
+    // struct cachestat_range { u64 off, len } (len 0: to the end); struct cachestat { u64 nr_cache, nr_dirty,
+    // nr_writeback, nr_evicted, nr_recently_evicted }. 451 on every architecture (the unified syscall table).
+    let range: (UInt64, UInt64) = (0, 0)
+    var counts: (UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0)
+    let result = withUnsafeBytes(of: range) { r in
+        withUnsafeMutableBytes(of: &counts) { c in libcSyscall4(451, Int(fd), r.baseAddress!, c.baseAddress!, 0) }
+    }
+    return result == 0 ? counts.0 : nil
+}
+
 /// preadv2(2) of one buffer with RWF_* flags; returns the count or -1 with errno set.
 func linuxPreadv2(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, at offset: Int64, flags: Int32) -> Int {
     var vector = iovec(iov_base: buffer.baseAddress, iov_len: buffer.count)
     return libcPreadv2(fd, &vector, 1, offset, flags)
 }
 
-/// preadv2 flags from linux/fs.h, stable ABI.
 /// open(2) flags Swift's Glibc does not export (asm-generic/fcntl.h values used on x86_64 and arm64).
-enum LinuxOpenFlags {
+public enum LinuxOpenFlags {
     /// Transfer straight between the device and the buffer, bypassing the page cache.
     #if arch(arm64)
-    static let direct: Int32 = 0o200000
+    public static let direct: Int32 = 0o200000
     #else
-    static let direct: Int32 = 0o40000
+    public static let direct: Int32 = 0o40000
     #endif
 }
 
+/// preadv2 flags from linux/fs.h, stable ABI.
 enum LinuxReadFlags {
     /// Fail with EAGAIN rather than wait for I/O (data not in the page cache, a lock held).
     static let noWait: Int32 = 0x08
