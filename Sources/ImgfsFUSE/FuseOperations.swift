@@ -65,8 +65,7 @@ extension FuseServer {
     /// The backing-file id an open of `ino` is answered with, or nil for the daemon to serve it
     /// (`PassthroughInode.admit`); the id is registered on first use. The open counts as live until its release.
     private func admitPassthrough(ino: UInt64, node: BlockNode, host: HostFile, flags: Int32) -> Int32? {
-        let share = flags & LinuxOpenFlags.direct != 0 ? host.pageCacheShare() : nil
-        return passthroughInodes.withLock { inodes -> Int32? in
+        passthroughInodes.withLock { inodes -> Int32? in
             var inode = inodes[ino] ?? PassthroughInode()
             if inode.backingID == nil, let session {
                 let made = imgfs_session_backing_open(session, host.descriptor)
@@ -77,10 +76,14 @@ extension FuseServer {
                 }
                 inode.backingID = max(0, made)
             }
-            let backing = inode.admit(directOnCachedImage: (share ?? 0) > 0.5)
-            if backing == nil, let share, inode.backingID ?? 0 > 0 {
+            // cachestat walks the cached pages (milliseconds for gigabytes): once per deciding O_DIRECT open.
+            let backing = inode.admit(directOnCachedImage: {
+                guard flags & LinuxOpenFlags.direct != 0, let share = host.pageCacheShare(), share > 0.5 else {
+                    return false
+                }
                 logger.debug("\(node.path): an O_DIRECT open served by the daemon (the host page cache holds \(Int(share * 100))% of the image)")
-            }
+                return true
+            })
             inodes[ino] = inode
             return backing
         }

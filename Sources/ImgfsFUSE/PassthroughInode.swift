@@ -16,11 +16,12 @@ struct PassthroughInode {
     /// that one from the page cache; through passthrough each of its reads would be an O_DIRECT read of the image
     /// file, which goes to the disk (warm 4 KiB QD32 fell from 214k to 91k reads a second here). Every other open
     /// passes through.
-    mutating func admit(directOnCachedImage: Bool) -> Int32? {
+    /// It is asked only when the answer decides.
+    mutating func admit(directOnCachedImage: () -> Bool) -> Int32? {
         defer { liveOpens += 1 }
         if liveOpens > 0 { return livePassthrough ? backingID : nil }
         let id = backingID ?? 0
-        livePassthrough = id > 0 && !directOnCachedImage
+        livePassthrough = id > 0 && !directOnCachedImage()
         return livePassthrough ? id : nil
     }
 

@@ -179,8 +179,8 @@ public final class HostFile: Sendable {
     /// or fails, for the caller to retry on its async path, which reports errors properly.
     /// A file in memory (tmpfs, ramfs) refuses RWF_NOWAIT but never waits for a disk: it is read plainly.
     public func readIfCached(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) -> Int? {
-        let probe = CachedReadProbe(rawValue: cachedReadProbe.load(ordering: .relaxed)) ?? .none
-        if probe == .none { return nil }
+        let probe = CachedReadProbe(rawValue: cachedReadProbe.load(ordering: .relaxed)) ?? .unavailable
+        if probe == .unavailable { return nil }
         let flags = probe == .noWait ? LinuxReadFlags.noWait : 0
         var done = 0
         while done < buffer.count {
@@ -190,7 +190,7 @@ public final class HostFile: Sendable {
                 let code = errno
                 if code == EINTR { continue }
                 if probe == .noWait && (code == EOPNOTSUPP || code == ENOSYS) {
-                    let learnt: CachedReadProbe = isInMemoryFileSystem(descriptor) ? .plain : .none
+                    let learnt: CachedReadProbe = isInMemoryFileSystem(descriptor) ? .plain : .unavailable
                     cachedReadProbe.store(learnt.rawValue, ordering: .relaxed)
                     if learnt == .plain { return readIfCached(into: buffer, at: offset) }
                 }
@@ -290,7 +290,7 @@ public final class HostFile: Sendable {
         case plain
         /// None: RWF_NOWAIT is refused (an old kernel or an odd file system), so a caller's fast path costs no
         /// failing system call per request from then on.
-        case none
+        case unavailable
     }
 
     /// Whether the file system under `fd` holds its files in memory, so a read never waits for a device.
