@@ -79,6 +79,24 @@ private func withPoisonedBuffer<T>(_ count: Int, _ body: (UnsafeMutableRawBuffer
         expectCachedReads(file, of: bytes)
     }
 
+    @Test func thePageCacheShareFollowsWhatIsCached() throws {
+        // A disk-backed path, as below: tmpfs pages cannot be dropped.
+        let bytes = patterned(8 << 20, seed: 5)
+        let path = try makeFile(bytes, in: "/var/tmp")
+        defer { unlink(path) }
+        let file = try HostFile.open(path, readOnly: true)
+        try withPoisonedBuffer(bytes.count) { _ = try file.preadSome($0, at: 0) }
+        let cached = try #require(file.pageCacheShare(), "cachestat(2) (Linux 6.5+) is missing here")
+        #expect(cached > 0.99, "all 8 MiB were just read, yet the share is \(cached)")
+        // Dropping is best effort (another reader may bring pages back): a few tries must see most of it gone.
+        var dropped = 1.0
+        for _ in 0..<20 where dropped > 0.5 {
+            dropPageCache(file)
+            dropped = file.pageCacheShare() ?? 1
+        }
+        #expect(dropped <= 0.5, "the share stayed at \(dropped) after dropping the file's pages")
+    }
+
     @Test func aRangeNotInThePageCacheIsDeclined() throws {
         // A disk-backed path: tmpfs pages are always "cached".
         let bytes = patterned(8 << 20)
