@@ -12,11 +12,10 @@ struct PassthroughInode {
 
     /// The backing id an open is answered with (nil: the daemon serves it), counting the open as live.
     ///
-    /// `directOnCachedImage`: an O_DIRECT open of an image the host page cache mostly holds. The daemon serves
-    /// that one from the page cache; through passthrough each of its reads would be an O_DIRECT read of the image
-    /// file, which goes to the disk (warm 4 KiB QD32 fell from 214k to 91k reads a second here). Every other open
-    /// passes through.
-    /// It is asked only when the answer decides.
+    /// `directOnCachedImage`, asked only when its answer decides: whether this is an O_DIRECT open of an image the
+    /// host page cache mostly holds. The daemon serves that one from the page cache; through passthrough each of
+    /// its reads would be an O_DIRECT read of the image file, which goes to the disk (warm 4 KiB QD32 fell from
+    /// 214k to 91k reads a second here). Every other open passes through.
     mutating func admit(directOnCachedImage: () -> Bool) -> Int32? {
         defer { liveOpens += 1 }
         if liveOpens > 0 { return livePassthrough ? backingID : nil }
