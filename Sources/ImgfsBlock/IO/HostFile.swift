@@ -158,11 +158,8 @@ public final class HostFile: Sendable {
     /// alignment comes back false, and `read` then learns it.
     public func startRead(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64,
                           completion: @escaping @Sendable (Bool) -> Void) -> Bool {
-        var fd = descriptor
-        if HostReadPolicy.directMisses, HostReadPolicy.isDirectAligned(buffer, offset), let direct = directDescriptor() {
-            fd = direct
-        }
         let wanted = buffer.count
+        let fd = directDescriptor(for: buffer, at: offset) ?? descriptor
         return engine.startRead(fd: fd, into: buffer, at: offset) { result in completion(Int(result) == wanted) }
     }
 
@@ -257,7 +254,7 @@ public final class HostFile: Sendable {
     /// 4 KiB reads a second at QD32 on the host file here). Measured through the mount it lost all the same
     /// (cold QD32 38k direct against 47k buffered), so buffered reads stay the default.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: Int64) async throws -> Int {
-        if HostReadPolicy.directMisses, HostReadPolicy.isDirectAligned(buffer, offset), let fd = directDescriptor() {
+        if let fd = directDescriptor(for: buffer, at: offset) {
             if let n = readIfCached(into: buffer, at: offset) { return n }
             do {
                 return try await readAll(fd: fd, into: buffer, at: offset)
@@ -307,9 +304,12 @@ public final class HostFile: Sendable {
         case unavailable
     }
 
-    /// The O_DIRECT descriptor, opened on first use (through /proc/self/fd: the same file, never its name again).
-    private func directDescriptor() -> Int32? {
-        direct.withLock { state -> Int32? in
+    /// The O_DIRECT descriptor a miss of this range is read through, if `HostReadPolicy` sends misses around the
+    /// page cache and the range is aligned for it; opened on first use (through /proc/self/fd: the same file,
+    /// never its name again).
+    private func directDescriptor(for buffer: UnsafeMutableRawBufferPointer, at offset: Int64) -> Int32? {
+        guard HostReadPolicy.directMisses, HostReadPolicy.isDirectAligned(buffer, offset) else { return nil }
+        return direct.withLock { state -> Int32? in
             switch state {
             case .open(let fd): return fd
             case .unavailable: return nil
