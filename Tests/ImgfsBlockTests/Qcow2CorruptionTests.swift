@@ -28,6 +28,14 @@ private func makeImage(_ scratch: QemuScratch, _ name: String = "c.qcow2") throw
     try scratch.qemuIO(name, ["write -P 0x61 0 128k", "write -P 0x62 4M 64k"])
 }
 
+/// `makeImage`'s image with guest cluster 0 mapped to a data cluster at 1 TiB, far past the file's end; opened.
+private func openImageWithCluster0PastTheEnd(_ scratch: QemuScratch) async throws -> BlockNode {
+    try makeImage(scratch)
+    let entry = try l2EntryOffset(scratch, "c.qcow2", cluster: 0)
+    try scratch.patch("c.qcow2", at: entry, bigEndianBytes(UInt64(1) << 63 | UInt64(1) << 40))
+    return try await openImage(scratch.path("c.qcow2"))
+}
+
 /// The file offset of the L2 entry mapping guest cluster `index` (within the first L2 table).
 private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index: UInt64) throws -> UInt64 {
     let l1Offset = bigEndianValue(try scratch.read(name, at: 40, count: 8))
@@ -114,10 +122,7 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
 
     @Test func l2EntryPastTheEndFailsOnlyItsRange() async throws {
         let scratch = try QemuScratch()
-        try makeImage(scratch)
-        let entry = try l2EntryOffset(scratch, "c.qcow2", cluster: 0)
-        try scratch.patch("c.qcow2", at: entry, bigEndianBytes(UInt64(1) << 63 | UInt64(1) << 40))
-        let node = try await openImage(scratch.path("c.qcow2"))
+        let node = try await openImageWithCluster0PastTheEnd(scratch)
         await #expect {
             _ = try await readNode(node, at: 100, count: 1000)
         } throws: { error in
@@ -130,10 +135,7 @@ private func l2EntryOffset(_ scratch: QemuScratch, _ name: String, cluster index
 
     @Test func aDirectReadOfAClusterPastTheEndNeverSucceeds() async throws {
         let scratch = try QemuScratch()
-        try makeImage(scratch)
-        let entry = try l2EntryOffset(scratch, "c.qcow2", cluster: 0)
-        try scratch.patch("c.qcow2", at: entry, bigEndianBytes(UInt64(1) << 63 | UInt64(1) << 40))
-        let node = try await openImage(scratch.path("c.qcow2"))
+        let node = try await openImageWithCluster0PastTheEnd(scratch)
         // Loads the L2 table, so the lookup is answered from the cache.
         #expect(try await readNode(node, at: 65536, count: 4096) == [UInt8](repeating: 0x61, count: 4096))
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
