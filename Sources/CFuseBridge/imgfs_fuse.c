@@ -27,6 +27,8 @@ struct imgfs_session {
 // include/uapi/linux/fuse.h.
 #define IMGFS_PASSTHROUGH_FLAGS2 (1u << (37 - 32))  // FUSE_PASSTHROUGH, in INIT's flags2
 #define IMGFS_FOPEN_PASSTHROUGH (1u << 7)
+#define IMGFS_FOPEN_DIRECT_IO (1u << 0)
+#define IMGFS_FOPEN_PARALLEL_DIRECT_WRITES (1u << 6)
 struct imgfs_backing_map {
     int32_t fd;
     uint32_t flags;
@@ -250,13 +252,16 @@ int imgfs_session_backing_open(imgfs_session *s, int fd) {
     return id == 0 ? -EIO : id;
 }
 
-int imgfs_reply_open_passthrough(fuse_req_t req, uint64_t fh, int backing_id) {
+int imgfs_reply_open_passthrough(fuse_req_t req, uint64_t fh, int backing_id, int daemon_serves) {
     // fuse_open_out as Linux 6.9 defines it: libfuse 3.14's has padding where backing_id is.
     struct {
         uint64_t fh;
         uint32_t open_flags;
         int32_t backing_id;
     } out = {fh, IMGFS_FOPEN_PASSTHROUGH, backing_id};
+    // FOPEN_DIRECT_IO comes before passthrough for reads and writes: they come to us, mmap maps the backing file.
+    // Parallel writes: the daemon orders overlapping ones itself, as it does for O_DIRECT writes.
+    if (daemon_serves) out.open_flags |= IMGFS_FOPEN_DIRECT_IO | IMGFS_FOPEN_PARALLEL_DIRECT_WRITES;
     return fuse_reply_buf(req, (const char *)&out, sizeof out);
 }
 

@@ -39,15 +39,15 @@ extension FuseServer {
         if (flags & O_ACCMODE) != O_RDONLY && file.isReadOnly { return request.fail(EROFS) }
         let keepCache = configuration.keepCache
         if let node = file.fixedNode {
-            guard let host = passthroughCandidate(node) else {
-                return request.replyOpen(handle: OpenFile(file: file, node: node).handle, keepCache: keepCache)
-            }
-            let handle = OpenFile(file: file, node: node, passthroughIno: ino).handle
-            guard let backing = admitPassthrough(ino: ino, node: node, host: host, flags: flags) else {
+            let handle = OpenFile(file: file, node: node).handle
+            guard let host = passthroughCandidate(node),
+                  let answer = passthroughOpen(ino: ino, node: node, host: host, flags: flags) else {
                 return request.replyOpen(handle: handle, keepCache: keepCache)
             }
             // An open the kernel no longer wants (interrupted) gets no release: drop the handle here.
-            if imgfs_reply_open_passthrough(request.raw, handle, backing) == -ENOENT { releaseOpen(handle: handle) }
+            if imgfs_reply_open_passthrough(request.raw, handle, answer.backing, answer.daemonServes ? 1 : 0) == -ENOENT {
+                OpenFile.release(handle: handle)
+            }
             return
         }
         beginAsync(request) {
@@ -58,48 +58,39 @@ extension FuseServer {
 
     /// The host file the kernel could read for `node` itself, if this session asked for passthrough.
     private func passthroughCandidate(_ node: BlockNode) -> HostFile? {
-        guard session != nil, configuration.readOnly, configuration.kernelPassthrough else { return nil }
+        guard session != nil, configuration.kernelPassthrough else { return nil }
         return node.passthroughFile
     }
 
-    /// The backing-file id an open of `ino` is answered with, or nil for the daemon to serve it
-    /// (`PassthroughInode.admit`); the id is registered on first use. The open counts as live until its release.
-    private func admitPassthrough(ino: UInt64, node: BlockNode, host: HostFile, flags: Int32) -> Int32? {
-        passthroughInodes.withLock { inodes -> Int32? in
-            var inode = inodes[ino] ?? PassthroughInode()
-            if inode.backingID == nil, let session {
-                let made = imgfs_session_backing_open(session, host.descriptor)
-                if made > 0 {
-                    logger.info("kernel passthrough: the kernel reads \(host.path) itself")
-                } else if made != -EOPNOTSUPP {
-                    logger.info("kernel passthrough unavailable for \(node.path): \(String(cString: strerror(-made)))")
-                }
-                inode.backingID = max(0, made)
+    /// How an open of `ino` names its backing file (`PassthroughOpen`), or nil where it has none and the daemon
+    /// serves it through the page cache. The backing file is registered at the first open.
+    private func passthroughOpen(ino: UInt64, node: BlockNode, host: HostFile, flags: Int32) -> PassthroughOpen? {
+        let backing = passthroughBackings.withLock { backings -> Int32 in
+            if let known = backings[ino] { return known }
+            var made: Int32 = -EOPNOTSUPP
+            if let session { made = imgfs_session_backing_open(session, host.descriptor) }
+            if made > 0 {
+                logger.info("kernel passthrough: the kernel reads \(host.path) itself")
+            } else if made != -EOPNOTSUPP {
+                logger.info("kernel passthrough unavailable for \(node.path): \(String(cString: strerror(-made)))")
             }
-            // cachestat walks the cached pages (milliseconds for gigabytes): once per deciding O_DIRECT open.
-            let backing = inode.admit(directOnCachedImage: {
-                guard flags & LinuxOpenFlags.direct != 0, let share = host.pageCacheShare(), share > 0.5 else {
-                    return false
-                }
-                logger.debug("\(node.path): an O_DIRECT open served by the daemon (the host page cache holds \(Int(share * 100))% of the image)")
-                return true
-            })
-            inodes[ino] = inode
-            return backing
+            backings[ino] = max(0, made)
+            return max(0, made)
         }
-    }
-
-    /// Gives back an open's handle, and its count in the passthrough state.
-    private func releaseOpen(handle: UInt64) {
-        if let ino = OpenFile.from(handle: handle).passthroughIno {
-            passthroughInodes.withLock { $0[ino]?.release() }
+        guard backing > 0 else { return nil }
+        return PassthroughOpen.answer(backing: backing, writable: (flags & O_ACCMODE) != O_RDONLY) {
+            // cachestat walks the cached pages (milliseconds for gigabytes): once per read-only O_DIRECT open.
+            guard flags & LinuxOpenFlags.direct != 0, let share = host.pageCacheShare(), share > 0.5 else {
+                return false
+            }
+            logger.debug("\(node.path): an O_DIRECT open served by the daemon (the host page cache holds \(Int(share * 100))% of the image)")
+            return true
         }
-        OpenFile.release(handle: handle)
     }
 
     func release(_ request: FuseRequest, handle: UInt64) {
         let open = OpenFile.from(handle: handle)
-        releaseOpen(handle: handle)
+        OpenFile.release(handle: handle)
         guard case .lazy = open.file.source else { return request.succeed() }
         beginAsync(request) {
             await open.file.close()

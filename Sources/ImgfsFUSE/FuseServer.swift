@@ -24,8 +24,10 @@ public final class FuseServer: @unchecked Sendable {
     /// /dev/fuse.
     private let inlineBusy = Atomic<Bool>(false)
     private(set) var session: OpaquePointer?
-    /// The passthrough state of each file that may have it, by inode (`PassthroughInode`).
-    let passthroughInodes = Locked<[UInt64: PassthroughInode]>([:])
+    /// The backing-file id of each file whose host file the kernel may read itself, by inode: registered at the
+    /// file's first open and kept for the mount's life (the kernel drops them with the connection); 0 where
+    /// registering failed.
+    let passthroughBackings = Locked<[UInt64: Int32]>([:])
     private var handlers = imgfs_fuse_handlers()
 
     public init(root: MountDirectory, configuration: MountConfiguration, executor: IOExecutor = .shared,
@@ -54,7 +56,7 @@ public final class FuseServer: @unchecked Sendable {
         guard let created else {
             throw FuseError("cannot start a FUSE session with options \(args.dropFirst().joined(separator: " ")) (see the libfuse message above)")
         }
-        if configuration.readOnly && configuration.kernelPassthrough { imgfs_session_request_passthrough(created) }
+        if configuration.kernelPassthrough { imgfs_session_request_passthrough(created) }
         guard imgfs_session_mount(created, configuration.mountpoint) == 0 else {
             imgfs_session_destroy(created)
             throw FuseError("cannot mount on \(configuration.mountpoint): is it an existing directory you own (or are you root)?")

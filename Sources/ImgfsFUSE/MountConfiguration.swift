@@ -18,9 +18,9 @@ public struct MountConfiguration: Sendable {
     /// Seconds the kernel may cache attributes and names; only this daemon changes them, and it answers
     /// truncates with the new size.
     public var attributeTimeout: Double = 3600
-    /// On a read-only mount, let the kernel read raw disks' host files itself (FUSE passthrough, Linux 6.9+, as
-    /// root); where it cannot, requests come to the daemon as usual. O_DIRECT opens of an image the host page cache
-    /// mostly holds are served by the daemon (`PassthroughInode`).
+    /// Let the kernel read raw disks' host files itself for read-only opens (FUSE passthrough, Linux 6.9+, as root);
+    /// where it cannot, requests come to the daemon as usual. Writable opens, and O_DIRECT opens of an image the
+    /// host page cache mostly holds, are served by the daemon (`PassthroughOpen`).
     public var kernelPassthrough = true
 
     public init(mountpoint: String, sourceName: String) {

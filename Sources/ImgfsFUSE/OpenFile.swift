@@ -7,13 +7,10 @@ import ImgfsBlock
 final class OpenFile: Sendable {
     let file: ExportedFile
     let node: BlockNode
-    /// The inode whose passthrough state counts this open (`PassthroughInode`), if it has one.
-    let passthroughIno: UInt64?
 
-    init(file: ExportedFile, node: BlockNode, passthroughIno: UInt64? = nil) {
+    init(file: ExportedFile, node: BlockNode) {
         self.file = file
         self.node = node
-        self.passthroughIno = passthroughIno
     }
 
     var isReadOnly: Bool { file.isReadOnly }

@@ -43,8 +43,8 @@ struct MountCommand: ParsableCommand {
     @Option(name: .long, help: "Host I/O engine: uring or threads; default: uring when the kernel allows it (or $IMGFS_IO_ENGINE).")
     var ioEngine: IOEngineKind?
     @Option(name: .long, help: "Threads reading requests from /dev/fuse.") var fuseThreads = 2
-    @Flag(name: .long, inversion: .prefixedNo, help: "On read-only mounts (the default there): let the kernel read a raw image's file itself (FUSE passthrough, where Linux 6.9+ and root allow it), so reads run at the host file's own rate. An O_DIRECT open of an image the host page cache mostly holds is still served by imgfs, from that cache.")
-    var passthrough: Bool?
+    @Flag(name: .long, inversion: .prefixedNo, help: "Let the kernel read a raw image's file itself for read-only opens (FUSE passthrough, where Linux 6.9+ and root allow it; on by default), so reads run at the host file's own rate. Writable opens, and O_DIRECT opens of an image the host page cache mostly holds, are still served by imgfs.")
+    var passthrough = true
     @Option(name: .long, help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: Logger.Level = .warning
     @Option(name: .long, help: "Where the daemon logs (default: nowhere once detached).") var logFile: String?
@@ -57,7 +57,6 @@ struct MountCommand: ParsableCommand {
             throw ValidationError("--memory-limit must be at least 80M (64M of it is kept for request buffers)")
         }
         if forceShare && !readOnly { throw ValidationError("--force-share needs --read-only") }
-        if passthrough == true && !readOnly { throw ValidationError("--passthrough needs --read-only") }
         for option in fuseOptions {
             let key = option.split(separator: "=", maxSplits: 1).first.map(String.init) ?? option
             if ["fsname", "subtype"].contains(key) {
@@ -114,7 +113,7 @@ struct MountCommand: ParsableCommand {
             config.fuseOptions = fuseOptions
             config.readOnly = readOnly || node.isReadOnly
             config.fuseThreads = fuseThreads
-            config.kernelPassthrough = passthrough ?? true
+            config.kernelPassthrough = passthrough
             config.handleSignals = true
             server = FuseServer(root: root, configuration: config, budget: budget)
             do { try server.mount() } catch {

@@ -53,8 +53,9 @@ void imgfs_session_exit(imgfs_session *session);
 void imgfs_session_request_passthrough(imgfs_session *session);
 /// Registers `fd` as a backing file (needs CAP_SYS_ADMIN); its id (> 0), or -errno.
 int imgfs_session_backing_open(imgfs_session *session, int fd);
-/// Answers an open with a backing file id: the kernel then serves the file's reads itself.
-int imgfs_reply_open_passthrough(fuse_req_t req, uint64_t fh, int backing_id);
+/// Answers an open with a backing file id: the kernel then serves the file's reads itself, or with `daemon_serves`
+/// sends reads and writes here as before and only maps the backing file for mmap.
+int imgfs_reply_open_passthrough(fuse_req_t req, uint64_t fh, int backing_id, int daemon_serves);
 void imgfs_session_unmount(imgfs_session *session);
 void imgfs_session_destroy(imgfs_session *session);
 /// The negotiated largest write the kernel will send (0 before INIT).

@@ -107,10 +107,11 @@ public final class BlockNode: Sendable {
     }
 
     /// The host file a reader may read instead of this node, bypassing it (the kernel's FUSE passthrough): only
-    /// for a read-only node whose disk is that file byte for byte, with no backing file. Nothing it reads then is
-    /// a tracked request, which no read-only node needs.
+    /// for a node whose disk is that file byte for byte, with no backing file. Those reads are no tracked
+    /// requests, which such a node's reads do not need (no copy-on-read, nothing allocated under them); writes
+    /// never take this way. A node that comes to limit or watch its reads (I/O limits) must answer nil.
     public var passthroughFile: HostFile? {
-        guard isReadOnly, backing == nil, let file = driver.wholeDiskFile, file.isReadOnly else { return nil }
+        guard backing == nil, let file = driver.wholeDiskFile else { return nil }
         return file
     }
 
