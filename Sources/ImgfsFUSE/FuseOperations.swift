@@ -45,7 +45,7 @@ extension FuseServer {
                 return request.replyOpen(handle: handle, keepCache: keepCache)
             }
             // An open the kernel no longer wants (interrupted) gets no release: drop the handle here.
-            if imgfs_reply_open_passthrough(request.raw, handle, answer.backing, answer.daemonServes ? 1 : 0) == -ENOENT {
+            if imgfs_reply_open_passthrough(request.raw, handle, answer.backing, answer.isServedByDaemon ? 1 : 0) == -ENOENT {
                 OpenFile.release(handle: handle)
             }
             return

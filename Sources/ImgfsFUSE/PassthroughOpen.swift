@@ -28,7 +28,7 @@ enum PassthroughOpen: Equatable {
         }
     }
 
-    var daemonServes: Bool {
+    var isServedByDaemon: Bool {
         if case .daemonServes = self { return true }
         return false
     }
