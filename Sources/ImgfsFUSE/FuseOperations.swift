@@ -36,12 +36,12 @@ extension FuseServer {
             return request.fail(tree.attributes(ino) == nil ? ENOENT : EISDIR)
         }
         // Root passes default_permissions on a 0444 file: refuse writable opens of read-only files here.
-        if (flags & O_ACCMODE) != O_RDONLY && file.isReadOnly { return request.fail(EROFS) }
+        let writable = (flags & O_ACCMODE) != O_RDONLY
+        if writable && file.isReadOnly { return request.fail(EROFS) }
         let keepCache = configuration.keepCache
         if let node = file.fixedNode {
             let handle = OpenFile(file: file, node: node).handle
-            guard let host = passthroughCandidate(node),
-                  let answer = passthroughOpen(ino: ino, node: node, host: host, flags: flags) else {
+            guard let answer = passthroughOpen(ino: ino, node: node, writable: writable, flags: flags) else {
                 return request.replyOpen(handle: handle, keepCache: keepCache)
             }
             // An open the kernel no longer wants (interrupted) gets no release: drop the handle here.
@@ -56,29 +56,25 @@ extension FuseServer {
         }
     }
 
-    /// The host file the kernel could read for `node` itself, if this session asked for passthrough.
-    private func passthroughCandidate(_ node: BlockNode) -> HostFile? {
-        guard session != nil, configuration.kernelPassthrough else { return nil }
-        return node.passthroughFile
-    }
-
-    /// How an open of `ino` names its backing file (`PassthroughOpen`), or nil where it has none and the daemon
+    /// How an open of `ino` names its backing file (`PassthroughOpen`), or nil where it has none (this session
+    /// did not ask for passthrough, the node's disk is not its host file, or registering failed) and the daemon
     /// serves it through the page cache. The backing file is registered at the first open.
-    private func passthroughOpen(ino: UInt64, node: BlockNode, host: HostFile, flags: Int32) -> PassthroughOpen? {
+    private func passthroughOpen(ino: UInt64, node: BlockNode, writable: Bool, flags: Int32) -> PassthroughOpen? {
+        guard configuration.kernelPassthrough, let session, let host = node.passthroughFile else { return nil }
         let backing = passthroughBackings.withLock { backings -> Int32 in
             if let known = backings[ino] { return known }
-            var made: Int32 = -EOPNOTSUPP
-            if let session { made = imgfs_session_backing_open(session, host.descriptor) }
+            let made = imgfs_session_backing_open(session, host.descriptor)
             if made > 0 {
                 logger.info("kernel passthrough: the kernel reads \(host.path) itself")
             } else if made != -EOPNOTSUPP {
                 logger.info("kernel passthrough unavailable for \(node.path): \(String(cString: strerror(-made)))")
             }
-            backings[ino] = max(0, made)
-            return max(0, made)
+            let id = max(0, made)
+            backings[ino] = id
+            return id
         }
         guard backing > 0 else { return nil }
-        return PassthroughOpen.answer(backing: backing, writable: (flags & O_ACCMODE) != O_RDONLY) {
+        return PassthroughOpen.answer(backing: backing, writable: writable) {
             // cachestat walks the cached pages (milliseconds for gigabytes): once per read-only O_DIRECT open.
             guard flags & LinuxOpenFlags.direct != 0, let share = host.pageCacheShare(), share > 0.5 else {
                 return false

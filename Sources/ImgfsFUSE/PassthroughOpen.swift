@@ -5,11 +5,12 @@
 /// the file's host file is registered as a backing file, every open names it, and the opens the daemon must still
 /// serve say so with FOPEN_DIRECT_IO, which the kernel honours before passthrough for reads and writes (only mmap
 /// then maps the host file). No open ever waits on, or fails for, another.
-enum PassthroughOpen: Equatable {
-    /// The kernel reads the host file itself; no read reaches the daemon.
-    case kernelReads(backing: Int32)
-    /// The daemon serves reads and writes; mmap maps the host file.
-    case daemonServes(backing: Int32)
+struct PassthroughOpen: Equatable {
+    /// The registered backing file the open names.
+    let backing: Int32
+    /// The daemon serves reads and writes (FOPEN_DIRECT_IO) and mmap maps the host file; otherwise the kernel reads
+    /// the host file itself and no read reaches the daemon.
+    let isServedByDaemon: Bool
 
     /// The answer to an open of a file registered as `backing`.
     ///
@@ -19,17 +20,6 @@ enum PassthroughOpen: Equatable {
     /// would be an O_DIRECT read of the image file, which goes to the disk (warm 4 KiB QD32 fell from 214k to 91k
     /// reads a second here), while the daemon serves it from that cache.
     static func answer(backing: Int32, writable: Bool, directOnCachedImage: () -> Bool) -> PassthroughOpen {
-        writable || directOnCachedImage() ? .daemonServes(backing: backing) : .kernelReads(backing: backing)
-    }
-
-    var backing: Int32 {
-        switch self {
-        case .kernelReads(let backing), .daemonServes(let backing): return backing
-        }
-    }
-
-    var isServedByDaemon: Bool {
-        if case .daemonServes = self { return true }
-        return false
+        PassthroughOpen(backing: backing, isServedByDaemon: writable || directOnCachedImage())
     }
 }

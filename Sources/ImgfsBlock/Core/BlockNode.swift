@@ -110,10 +110,7 @@ public final class BlockNode: Sendable {
     /// for a node whose disk is that file byte for byte, with no backing file. Those reads are no tracked
     /// requests, which such a node's reads do not need (no copy-on-read, nothing allocated under them); writes
     /// never take this way. A node that comes to limit or watch its reads (I/O limits) must answer nil.
-    public var passthroughFile: HostFile? {
-        guard backing == nil, let file = driver.wholeDiskFile else { return nil }
-        return file
-    }
+    public var passthroughFile: HostFile? { backing == nil ? driver.wholeDiskFile : nil }
 
     /// Reads any range: bytes past the end of this disk read as zeros. Drivers call this on their backing node.
     public func readZeroPadded(at offset: Int64, into buffer: UnsafeMutableRawBufferPointer) async throws {
